@@ -1,0 +1,266 @@
+"""Find a checkpoint (directory, repo root holding both layouts, or hub id), check it against
+the format's name table, and load it memory-mapped onto a model built on the meta device.
+
+MXFP4 experts stay packed (uint8) and mmap'd: pages are read as experts are used, so a 20b
+checkpoint needs far less RAM than its 42 GB bf16 form."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from ..compact_vocab import CompactVocab
+from ..config import ConfigError, ModelConfig
+from ..errors import OssgptError
+from ..model import Transformer
+from . import formats
+from .formats import HF, ORIGINAL, Source
+
+
+class CheckpointError(OssgptError):
+    """A checkpoint that cannot be found or read; the message is one line for the user."""
+
+
+# -- finding a checkpoint ----------------------------------------------------------------------
+
+def detect(path: Path) -> tuple[Path, str]:
+    """A local directory -> (directory holding the weights, format)."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    # A hub snapshot holds both layouts; take the official one (one file, no index to trust).
+    if (path / "original" / "config.json").is_file():
+        path = path / "original"
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected a gpt-oss checkpoint in the "
+                              f"original/ or Hugging Face layout)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object")
+    fmt = HF if config.get("model_type") == "gpt_oss" or "num_local_experts" in config else ORIGINAL
+    if not list(path.glob("*.safetensors")):
+        raise CheckpointError(f"{path}: no *.safetensors weights beside config.json")
+    return path, fmt
+
+
+def resolve(ref: str | os.PathLike) -> tuple[Path, str]:
+    """A directory or a Hugging Face hub id -> (weights directory, format)."""
+    if str(ref) == "nano":
+        from ..nano import bundled_path
+        path = bundled_path()
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"the bundled nano model is missing from {path}; "
+                                  f"rebuild it with: ossgpt train-nano")
+        return detect(path)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return detect(path)
+    ref = str(ref)
+    if ref.count("/") != 1 or ref.startswith((".", "/", "~")):
+        raise CheckpointError(f"{ref}: no such directory (and not a hub id like openai/gpt-oss-20b)")
+    return detect(_from_hub(ref))
+
+
+def _from_hub(repo_id: str) -> Path:
+    """Through huggingface_hub: its cache first, then a download of the original/ layout
+    unless HF_HUB_OFFLINE is set."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+    patterns = ["original/*"]
+    hint = f"hf download {repo_id} --include 'original/*'"
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    if HF_HUB_OFFLINE:
+        raise CheckpointError(f"{repo_id} is not in the Hugging Face cache ({HF_HUB_CACHE}) and "
+                              f"HF_HUB_OFFLINE is set; on a machine with network run: {hint}")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{repo_id}: could not download from the Hugging Face hub "
+                              f"({first}); download it with: {hint}") from None
+
+
+# -- reading tensors ---------------------------------------------------------------------------
+
+class TensorFiles:
+    """All tensors of a checkpoint directory, by name, memory-mapped."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.files: dict[str, Path] = {}
+        self._handles = {}
+        paths = sorted(directory.glob("*.safetensors"))
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            paths = sorted({directory / f for f in weight_map.values()})
+            for p in paths:
+                if not p.is_file():
+                    raise CheckpointError(f"{index}: lists {p.name}, which is missing")
+        for p in paths:
+            try:
+                handle = safe_open(str(p), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{p}: unreadable safetensors file "
+                                      f"(truncated or corrupt?): {e}") from None
+            self._handles[p] = handle
+            for name in handle.keys():
+                self.files[name] = p
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.files[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype, as safetensors names it ("BF16", "U8", ...)."""
+        return self._handles[self.files[name]].get_slice(name).get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.files[name]
+        try:
+            return self._handles[path].get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name}: {e}") from None
+
+
+def _stored_shape(shape: tuple[int, ...], src: Source, fused_rows: dict[str, int]) -> tuple[int, ...]:
+    """The shape the checkpoint must store for a model tensor of `shape`."""
+    if src.rows is not None:
+        return (fused_rows[src.name],) + shape[1:]
+    return shape[:-2] + (shape[-1], shape[-2]) if src.transpose else shape
+
+
+_LOADABLE_DTYPES = {"U8", "BF16", "F16", "F32", "F64"}
+COMPACT_IDS = "vocab.ids"
+COMPACT_SHARED = "unembedding.shared"
+
+
+def _expand_vocab(files: TensorFiles, table: dict[str, Source], config: ModelConfig):
+    ids = files.get(COMPACT_IDS)
+    emb, unemb = files.get(table["embedding.weight"].name), files.get(table["unembedding.weight"].name)
+    shared = files.get(COMPACT_SHARED)
+    C = config.hidden_size
+    if (ids.dim() != 1 or emb.shape != (len(ids), C) or unemb.shape != (len(ids), C)
+            or shared.shape != (C,) or len(ids) == 0 or int(ids.max()) >= config.vocab_size):
+        raise CheckpointError(f"{files.files[COMPACT_IDS]}: compact vocabulary tensors do not "
+                              f"match each other or config.json")
+    full_emb, full_unemb = CompactVocab(ids, config.vocab_size).expand(emb, unemb, shared)
+    return {"embedding.weight": full_emb, "unembedding.weight": full_unemb}
+
+
+def _keep_float32(name: str) -> bool:
+    # Norm scales and sinks are tiny and enter float32 softmax/normalisation: keep full precision.
+    return name.endswith("norm.weight") or name.endswith(".sinks")
+
+
+def is_packed(files: TensorFiles, fmt: str) -> bool:
+    return any(n.endswith(formats.packed_marker(fmt)) for n in files.names())
+
+
+def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Transformer,
+                    dtype: torch.dtype, device: torch.device,
+                    progress: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of `model`'s state dict, read from `files`, shapes checked against the
+    config; strict both ways (a missing or an unexpected tensor is an error)."""
+    directory = files.directory
+    names = files.names()
+    table = formats.table(fmt, config, is_packed(files, fmt))
+    wanted = model.state_dict()
+    assert set(wanted) == set(table), "model and name table disagree"
+
+    # A compact vocabulary (the bundled nano model): only the used ids' rows are stored, plus
+    # one row shared by every unused id (see compact_vocab.py); expanded here.
+    compact = COMPACT_IDS in names
+    stored_names = {s.name for s in table.values()} | ({COMPACT_IDS, COMPACT_SHARED} if compact else set())
+    missing = sorted(stored_names - names)
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensor{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''} "
+                              f"({fmt} layout, {config.num_hidden_layers} layers in config.json)")
+    unused = sorted(names - stored_names)
+    if unused:
+        raise CheckpointError(f"{directory}: unexpected tensor{'s' if len(unused) > 1 else ''} "
+                              f"{', '.join(unused[:5])}{' …' if len(unused) > 5 else ''} "
+                              f"(not part of a {config.num_hidden_layers}-layer gpt-oss {fmt} checkpoint)")
+    vocab_tables = _expand_vocab(files, table, config) if compact else {}
+    fused_rows: dict[str, int] = {}
+    for src in table.values():
+        if src.rows is not None:
+            fused_rows[src.name] = max(fused_rows.get(src.name, 0), src.rows[1])
+
+    state = {}
+    bar = tqdm(table.items(), desc="Loading", unit="tensor", disable=not progress, leave=False)
+    for ours, src in bar:
+        expected = tuple(wanted[ours].shape)
+        if ours in vocab_tables:
+            t = vocab_tables[ours]
+        else:
+            stored = _stored_shape(expected, src, fused_rows)
+            if files.shape(src.name) != stored:
+                raise CheckpointError(f"{files.files[src.name]}: tensor {src.name} has shape "
+                                      f"{files.shape(src.name)}, expected {stored} from config.json")
+            packed_wanted, stored_dtype = wanted[ours].dtype == torch.uint8, files.dtype(src.name)
+            if packed_wanted != (stored_dtype == "U8") or stored_dtype not in _LOADABLE_DTYPES:
+                expected_dtype = "U8 (MXFP4)" if packed_wanted else "a float dtype"
+                raise CheckpointError(f"{files.files[src.name]}: tensor {src.name} has dtype "
+                                      f"{stored_dtype}, expected {expected_dtype}")
+            t = files.get(src.name)
+            if src.rows is not None:
+                t = t[src.rows[0]:src.rows[1]]
+            if src.transpose:
+                t = t.transpose(-1, -2)
+        if tuple(t.shape) != expected:
+            raise CheckpointError(f"{files.files[src.name]}: tensor {src.name} has shape "
+                                  f"{files.shape(src.name)}, which does not match config.json")
+        if t.dtype != torch.uint8:
+            t = t.to(torch.float32 if _keep_float32(ours) else dtype)
+        state[ours] = t.to(device)
+    return state
+
+
+# -- the entry point ---------------------------------------------------------------------------
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device 'cuda' requested but no CUDA GPU is available")
+    return device
+
+
+def load(ref: str | os.PathLike, device: str | torch.device = "auto",
+         dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> Transformer:
+    """Load a gpt-oss checkpoint: a directory in the original/ or Hugging Face layout, a repo
+    root holding both, or a hub id such as `openai/gpt-oss-20b`."""
+    directory, fmt = resolve(ref)
+    device = resolve_device(device)
+    try:
+        config = ModelConfig.from_file(directory / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    files = TensorFiles(directory)
+    with torch.device("meta"):
+        model = Transformer(config, packed_experts=is_packed(files, fmt))
+    state = load_state_dict(files, fmt, config, model, dtype, device, progress)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.eval()
+    model.source = (directory, fmt)
+    return model

@@ -1,0 +1,196 @@
+"""The CLI's commands: typed functions whose signatures are their options (see cli.py).
+Heavy imports happen inside each function, so `ossgpt --help` stays quick."""
+
+from __future__ import annotations
+
+import sys
+
+from .errors import OssgptError
+
+DTYPES = ("bfloat16", "float32", "float16")
+
+
+def _load(model: str, device: str, dtype: str):
+    import torch
+
+    from .checkpoint import load, resolve
+
+    if dtype not in DTYPES:
+        raise OssgptError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    directory, fmt = resolve(model)
+    print(f"Loading {directory} ({fmt} layout)", file=sys.stderr, flush=True)
+    return load(directory, device=device, dtype=getattr(torch, dtype), progress=True)
+
+
+def _sampling(temperature: float, top_p: float, top_k: int, seed: int | None):
+    from .sampling import SamplingParams
+
+    try:
+        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    except ValueError as e:
+        raise OssgptError(str(e)) from None
+
+
+def _read_stdin_prompt() -> str | None:
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    return sys.stdin.read()
+
+
+def generate(model: str = "nano", prompt: str | None = None, max_tokens: int = 256,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, device: str = "auto", dtype: str = "bfloat16") -> None:
+    """Complete raw text (no chat format), streaming it to stdout.
+
+    model: nano (bundled), a checkpoint directory (original/ or Hugging Face layout) or hub id
+    prompt: the text to continue; read from stdin when omitted
+    max_tokens: most tokens to generate
+    temperature: 0 for greedy
+    top_p: nucleus sampling mass
+    top_k: sample among the k most likely tokens (0: all)
+    seed: random seed, for reproducible sampling
+    device: cpu, cuda or auto
+    dtype: bfloat16, float32 or float16"""
+    from .generate import generate as run
+    from .tokenizer import IncrementalDecoder, Tokenizer, get_tokenizer
+
+    prompt = prompt if prompt is not None else _read_stdin_prompt()
+    if not prompt:
+        raise OssgptError("no prompt: pass --prompt TEXT or pipe text on stdin")
+    sampling = _sampling(temperature, top_p, top_k, seed)
+    net = _load(model, device, dtype)
+    tokenizer = get_tokenizer()
+    decoder = IncrementalDecoder(tokenizer)
+    sys.stdout.write(prompt)
+    stops = (Tokenizer.ENDOFTEXT, Tokenizer.RETURN)
+    for event in run(net, [tokenizer.encode(prompt)], max_tokens, sampling, stops):
+        if event.token not in stops:
+            sys.stdout.write(decoder.push(event.token))
+            sys.stdout.flush()
+    sys.stdout.write(decoder.flush() + "\n")
+
+
+def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | None = None,
+         developer: str | None = None, tools: str | None = None, show_reasoning: bool = False,
+         max_tokens: int = 4096, temperature: float = 1.0, top_p: float = 1.0,
+         seed: int | None = None, device: str = "auto", dtype: str = "bfloat16") -> None:
+    """Chat in the harmony format; reads one prompt from stdin when it is not a terminal.
+
+    model: nano (bundled), a checkpoint directory (original/ or Hugging Face layout) or hub id
+    reasoning_effort: low, medium or high
+    system: replaces the model identity line of the system message
+    developer: developer instructions
+    tools: "demo" (get_weather, convert_units, run locally) or a JSON file of function tools (you type their results)
+    show_reasoning: print the model's reasoning (dimmed) before its answer
+    max_tokens: most tokens per reply
+    temperature: 0 for greedy
+    top_p: nucleus sampling mass
+    seed: random seed, for reproducible sampling
+    device: cpu, cuda or auto
+    dtype: bfloat16, float32 or float16"""
+    from .chat import ChatSession, run_repl
+
+    if reasoning_effort not in ("low", "medium", "high"):
+        raise OssgptError(f"--reasoning-effort must be low, medium or high, got {reasoning_effort!r}")
+    sampling = _sampling(temperature, top_p, 0, seed)
+    tool_defs, run_tool = _tools(tools)
+    scripted = _read_stdin_prompt()
+    net = _load(model, device, dtype)
+    session = ChatSession(net, reasoning_effort=reasoning_effort, system=system,
+                          developer=developer, tools=tool_defs, sampling=sampling,
+                          max_tokens=max_tokens)
+    run_repl(session, show_reasoning=show_reasoning, scripted_prompt=scripted, run_tool=run_tool)
+
+
+def _tools(spec: str | None):
+    """--tools: None, "demo", or a JSON file holding a list of function tools."""
+    import json
+
+    if spec is None:
+        return None, None
+    if spec == "demo":
+        from .demo_tools import DEMO_TOOLS, run_tool
+        return DEMO_TOOLS, run_tool
+    try:
+        with open(spec) as f:
+            tools = json.load(f)
+    except (OSError, ValueError) as e:
+        raise OssgptError(f"--tools {spec}: not \"demo\" nor a readable JSON file ({e})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise OssgptError(f"--tools {spec}: expected a JSON list of function tools")
+    return tools, None
+
+
+def make_random(output: str, config: str = "tiny", layers: int | None = None,
+                layout: str = "original", seed: int = 0) -> None:
+    """Write a checkpoint of random weights in the exact official layout (MXFP4 experts), to
+    test and benchmark without real weights.
+
+    output: directory to write
+    config: 20b, 120b or tiny
+    layers: override the number of layers (e.g. 4 for a quick 20b-dimension model)
+    layout: original or hf
+    seed: random seed"""
+    import dataclasses
+
+    from .checkpoint import write_random
+    from .config import ModelConfig
+
+    if layout not in ("original", "hf"):
+        raise OssgptError(f"--layout must be original or hf, got {layout!r}")
+    cfg = ModelConfig.preset(config)
+    if layers is not None:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=layers, layer_types=None)
+    path = write_random(output, cfg, fmt=layout, seed=seed)
+    print(f"wrote {path} ({layout} layout, {cfg.num_hidden_layers} layers)")
+
+
+def train_nano(output: str = "checkpoints/nano", steps: int = 1500, batch_tokens: int = 4096,
+               lr: float = 3e-3, seed: int = 0, install: bool = True) -> None:
+    """Train the bundled demo model from scratch on synthetic harmony conversations (resumes
+    from OUTPUT if a run was interrupted), then export it in the compact bundled form.
+
+    output: directory for training checkpoints and the exported model
+    steps: optimizer steps
+    batch_tokens: tokens per step
+    lr: peak learning rate
+    seed: data and initialisation seed
+    install: also write the result into the package (ossgpt/assets/nano), the default model"""
+    import time
+    from pathlib import Path
+
+    from . import nano
+    from .train.trainer import TrainConfig
+
+    t0 = time.time()
+    cfg = TrainConfig(steps=steps, lr=lr, seed=seed, warmup_steps=min(100, steps // 10 + 1))
+    lm, history = nano.train(output, cfg, batch_tokens)
+    last = history[-1] if history else {}
+    print(f"trained {steps} steps in {time.time() - t0:.0f} s; final loss {last.get('loss', float('nan')):.4f}"
+          f", held-out loss {last.get('eval_loss', float('nan')):.4f}")
+    targets = [Path(output) / "export"] + ([nano.bundled_path()] if install else [])
+    for target in targets:
+        nano.export(lm, target)
+        size = sum(f.stat().st_size for f in target.iterdir())
+        print(f"wrote {target} ({size / 1e6:.1f} MB)")
+
+
+def eval_nano(model: str = "nano", n: int = 200, seed: int = 0, output: str | None = None) -> None:
+    """Held-out accuracy of each synthetic task family and the rate of well-formed harmony,
+    greedy.
+
+    model: checkpoint to evaluate
+    n: prompts per family
+    seed: data seed the model was trained with
+    output: also write the figures as JSON here"""
+    import json
+
+    from . import nano
+
+    results = nano.evaluate(_load(model, "cpu", "bfloat16"), n_per_family=n, seed=seed)
+    print(f"{'family':<14}{'n':>5}{'accuracy':>10}{'well-formed':>13}")
+    for family, r in results.items():
+        print(f"{family:<14}{r['n']:>5}{r['accuracy']:>10.1%}{r['well_formed']:>13.1%}")
+    if output:
+        with open(output, "w") as f:
+            json.dump(results, f, indent=2)

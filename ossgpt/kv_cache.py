@@ -1,0 +1,103 @@
+"""Key/value caches. Every layer appends the same number of slots per step for every row of
+the batch; each slot remembers its token position (negative for padding), so masks come from
+positions alone and rows of different lengths share one cache (left padding)."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """A full-attention layer's cache: keeps every position. Storage grows by doubling."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None      # (B, capacity, K, D)
+        self.v: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None    # (B, capacity), -1 where empty
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Append k, v (B, T, K, D) at positions pos (B, T); return all keys, values, positions."""
+        T = k.shape[1]
+        if self.k is None or self.length + T > self.k.shape[1]:
+            self._grow(k, v, max(2 * (self.length + T), 256))
+        self.k[:, self.length:self.length + T] = k
+        self.v[:, self.length:self.length + T] = v
+        self.pos[:, self.length:self.length + T] = pos
+        self.length += T
+        n = self.length
+        return self.k[:, :n], self.v[:, :n], self.pos[:, :n]
+
+    def _grow(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
+        B, _, K, D = k.shape
+        new_k = k.new_zeros(B, capacity, K, D)
+        new_v = v.new_zeros(B, capacity, K, D)
+        new_pos = torch.full((B, capacity), -1, dtype=torch.long, device=k.device)
+        if self.k is not None:
+            new_k[:, :self.length] = self.k[:, :self.length]
+            new_v[:, :self.length] = self.v[:, :self.length]
+            new_pos[:, :self.length] = self.pos[:, :self.length]
+        self.k, self.v, self.pos = new_k, new_v, new_pos
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (finished sequences leave the batch)."""
+        if self.k is not None:
+            self.k, self.v, self.pos = self.k[rows], self.v[rows], self.pos[rows]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k[:, :self.length].numel() * self.k.element_size()
+
+
+class SlidingKVCache:
+    """A sliding-window layer's cache: only the last `window` slots are kept, since no later
+    query can see further back. Attention sees the kept slots plus the new ones."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.k: torch.Tensor | None = None      # (B, <= window, K, D)
+        self.v: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None    # (B, <= window)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        if self.k is not None:
+            k = torch.cat([self.k, k], dim=1)
+            v = torch.cat([self.v, v], dim=1)
+            pos = torch.cat([self.pos, pos], dim=1)
+        self.k, self.v, self.pos = k[:, -self.window:], v[:, -self.window:], pos[:, -self.window:]
+        return k, v, pos
+
+    def select(self, rows: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v, self.pos = self.k[rows], self.v[rows], self.pos[rows]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+
+class Cache:
+    """One cache per layer plus the number of steps written (the next default position)."""
+
+    def __init__(self, layers: list[KVCache | SlidingKVCache]) -> None:
+        self.layers = layers
+        self.next_position = 0
+
+    def advance(self, n: int) -> None:
+        self.next_position += n
+
+    def select(self, rows: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.select(rows)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+
+def make_cache(config: ModelConfig) -> Cache:
+    """Storage is sized on first use, from the keys themselves."""
+    return Cache([SlidingKVCache(config.sliding_window) if t == "sliding_attention" else KVCache()
+                  for t in config.layer_types])

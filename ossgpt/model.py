@@ -1,0 +1,258 @@
+"""The gpt-oss transformer in plain PyTorch, top to bottom:
+RMSNorm → YaRN rotary embedding → attention with sinks → mixture of experts → block → Transformer.
+
+Follows OpenAI's reference (`gpt_oss/torch/model.py`) and the model card; numerics are checked
+against transformers' GptOssForCausalLM in tests/test_model.py.
+
+Shapes: B batch, T new tokens, S cached keys, C hidden, H query heads, K key/value heads,
+G = H / K queries per key head, D head dim, E experts, k experts per token, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import mxfp4
+from .config import ModelConfig
+from .kv_cache import Cache, make_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the activation dtype, as the reference does.
+        t = x.float()
+        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (t * self.weight.float()).to(x.dtype)
+
+
+# -- rotary embedding --------------------------------------------------------------------------
+
+def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023, arXiv:2309.00071): NTK-by-parts interpolation of the rotary
+    frequencies. Returns (inv_freq (D/2,), concentration), the factor cos and sin are scaled by."""
+    d, base = config.head_dim, config.rope_theta
+    freq = base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    factor = config.rope_scaling_factor
+    if factor <= 1.0:
+        return 1.0 / freq, 1.0
+    concentration = 0.1 * math.log(factor) + 1.0
+    # Dimensions that rotate more than beta_fast times over the original context keep their
+    # frequency (extrapolate); fewer than beta_slow times are divided by the factor
+    # (interpolate); a linear ramp in between.
+    d_half = d / 2
+    ctx = config.initial_context_length
+    low = d_half * math.log(ctx / (config.rope_ntk_beta * 2 * math.pi)) / math.log(base)
+    high = d_half * math.log(ctx / (config.rope_ntk_alpha * 2 * math.pi)) / math.log(base)
+    ramp = (torch.arange(d_half, dtype=torch.float32) - low) / (high - low)
+    keep = 1 - ramp.clamp(0, 1)
+    inv_freq = (1.0 / (factor * freq)) * (1 - keep) + (1.0 / freq) * keep
+    return inv_freq, concentration
+
+
+def rope_cos_sin(positions: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) -> cos, sin (B, T, D/2), float32, concentration applied."""
+    inv_freq, concentration = yarn_inv_freq(config)
+    angles = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)  # (B, T, D/2)
+    return angles.cos() * concentration, angles.sin() * concentration
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, heads, D); rotates the two halves of each head (not interleaved pairs)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)                            # (B, T, 1, D/2)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+# -- attention ---------------------------------------------------------------------------------
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """q_pos (B, T), k_pos (B, S) -> bool (B, T, S), True where the query may attend the key.
+    Negative positions mark padding and empty cache slots."""
+    q, k = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= q - k < window
+    return mask
+
+
+def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                    mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, T, H, D), k/v (B, S, K, D), sinks (H,), mask (B, T, S) -> (B, T, H, D).
+
+    Each head's learned sink logit joins the softmax as an extra column and is dropped after it:
+    it takes probability mass but adds no value. It also keeps a fully masked row finite."""
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    q = q.view(B, T, K, H // K, D)                                      # (B, T, K, G, D)
+    scores = torch.einsum("btkgd,bskd->bkgts", q, k).float() * scale     # (B, K, G, T, S)
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    sink = sinks.float().view(1, K, H // K, 1, 1).expand(B, K, H // K, T, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    out = torch.einsum("bkgts,bskd->btkgd", probs.to(v.dtype), v)      # (B, T, K, G, D)
+    return out.reshape(B, T, H, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        C, D = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, D
+        sliding = config.layer_types[layer] == "sliding_attention"
+        self.window = config.sliding_window if sliding else None
+        self.norm = RMSNorm(C, config.rms_norm_eps)
+        self.q_proj = nn.Linear(C, self.n_heads * D)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * D)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * D)
+        self.o_proj = nn.Linear(self.n_heads * D, C)
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads))
+        self.scale = 1.0 / math.sqrt(D)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        h = self.norm(x)
+        q = self.q_proj(h).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_pos = positions
+        if cache is not None:
+            k, v, k_pos = cache.update(k, v, positions)                  # (B, S, K, D), (B, S)
+        mask = attention_mask(positions, k_pos, self.window)
+        out = sdpa_with_sinks(q, k, v, self.sinks, mask, self.scale)
+        return x + self.o_proj(out.reshape(B, T, -1))
+
+
+# -- mixture of experts ------------------------------------------------------------------------
+
+def swiglu(x: torch.Tensor, limit: float, alpha: float = 1.702) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU on interleaved columns: even = gate, odd = linear; note the
+    extra +1 on the linear half."""
+    gate, linear = x[..., ::2], x[..., 1::2]
+    gate = gate.clamp(max=limit)
+    linear = linear.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (linear + 1)
+
+
+class Experts(nn.Module):
+    """E stacked SwiGLU experts. mlp1 (E, 2I, C) and mlp2 (E, C, I), out-major like nn.Linear.
+
+    `packed=True` keeps the weights as MXFP4 (uint8 blocks + scales, a quarter of bf16's
+    memory) and dequantizes only the experts a batch routes to; `packed=False` holds them dense
+    (fine-tuning, merged or re-quantized models)."""
+
+    def __init__(self, config: ModelConfig, packed: bool = True):
+        super().__init__()
+        E, C, I = config.num_experts, config.hidden_size, config.intermediate_size
+        self.packed = packed
+        if packed:
+            self.mlp1_blocks = nn.Parameter(torch.zeros(E, 2 * I, C // 32, 16, dtype=torch.uint8), requires_grad=False)
+            self.mlp1_scales = nn.Parameter(torch.zeros(E, 2 * I, C // 32, dtype=torch.uint8), requires_grad=False)
+            self.mlp2_blocks = nn.Parameter(torch.zeros(E, C, I // 32, 16, dtype=torch.uint8), requires_grad=False)
+            self.mlp2_scales = nn.Parameter(torch.zeros(E, C, I // 32, dtype=torch.uint8), requires_grad=False)
+        else:
+            self.mlp1_weight = nn.Parameter(torch.zeros(E, 2 * I, C))
+            self.mlp2_weight = nn.Parameter(torch.zeros(E, C, I))
+        self.mlp1_bias = nn.Parameter(torch.zeros(E, 2 * I))
+        self.mlp2_bias = nn.Parameter(torch.zeros(E, C))
+
+    def weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (mlp1 (2I, C), mlp2 (C, I)) in `dtype`."""
+        if self.packed:
+            return (mxfp4.dequantize(self.mlp1_blocks[e], self.mlp1_scales[e], dtype),
+                    mxfp4.dequantize(self.mlp2_blocks[e], self.mlp2_scales[e], dtype))
+        return self.mlp1_weight[e].to(dtype), self.mlp2_weight[e].to(dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, packed: bool = True):
+        super().__init__()
+        self.k, self.limit = config.experts_per_token, config.swiglu_limit
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.router = nn.Linear(config.hidden_size, config.num_experts)
+        self.experts = Experts(config, packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        t = self.norm(x).reshape(-1, shape[-1])                              # (N, C)
+        top = torch.topk(self.router(t), self.k, dim=-1, sorted=True)       # (N, k)
+        gates = torch.softmax(top.values.float(), dim=-1)                   # softmax over the k chosen
+        out = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+        # Group tokens by expert: one matmul per routed expert, each expert dequantized once.
+        for e in top.indices.unique().tolist():
+            token, slot = torch.where(top.indices == e)
+            w1, w2 = self.experts.weights(e, t.dtype)
+            h = swiglu(F.linear(t[token], w1, self.experts.mlp1_bias[e].to(t.dtype)), self.limit)
+            y = F.linear(h, w2, self.experts.mlp2_bias[e].to(t.dtype))
+            out.index_add_(0, token, y.float() * gates[token, slot, None])
+        return x + out.to(x.dtype).view(shape)
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, packed: bool = True):
+        super().__init__()
+        self.attn = Attention(config, layer)
+        self.mlp = MoE(config, packed)
+
+    def forward(self, x, cos, sin, positions, cache=None):
+        return self.mlp(self.attn(x, cos, sin, positions, cache))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, packed_experts: bool = True):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config, i, packed_experts) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def make_cache(self) -> Cache:
+        """A fresh cache: full for full-attention layers, the last `sliding_window` positions
+        for sliding layers."""
+        return make_cache(self.config)
+
+    def hidden_states(self, tokens: torch.Tensor, cache: Cache | None = None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> final-normed hidden states (B, T, C).
+
+        positions (B, T): each token's position in its sequence, negative for padding; defaults
+        to continuing after what the cache holds."""
+        B, T = tokens.shape
+        if positions is None:
+            start = cache.next_position if cache is not None else 0
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        cos, sin = rope_cos_sin(positions.clamp(min=0), self.config)
+        x = self.embedding(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, positions, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.unembedding(h).float()
+
+    def forward(self, tokens: torch.Tensor, cache: Cache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V), float32."""
+        return self.logits(self.hidden_states(tokens, cache, positions))

@@ -1,0 +1,59 @@
+"""Shared fixtures: random checkpoints of the tiny config, written once per test session.
+
+`tiny_original` and `tiny_hf` hold the SAME weights (same seed; every tensor depends only on the
+seed and its name), in the official original/ layout and the Hugging Face layout respectively,
+both with MXFP4 experts exactly as OpenAI ships them. Treat them as read-only: copy a directory
+before changing anything in it. `tiny_config` is shared too: derive variants with
+`dataclasses.replace(tiny_config, ...)`, never mutate it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ossgpt import ModelConfig
+from ossgpt.checkpoint import write_random
+
+TINY_SEED = 0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than about a minute (deselect with -m 'not slow')")
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> ModelConfig:
+    """The `tiny` preset: 4 layers (sliding, full, sliding, full; window 128), 4 experts with
+    2 active, hidden 64, 4 query / 2 key-value heads of dim 16, the real 201088 vocabulary."""
+    return ModelConfig.preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_original(tmp_path_factory: pytest.TempPathFactory, tiny_config: ModelConfig) -> Path:
+    """Directory of a random tiny checkpoint in the official original/ layout
+    (config.json, dtypes.json, model.safetensors)."""
+    directory = tmp_path_factory.mktemp("tiny_original")
+    write_random(directory, tiny_config, fmt="original", seed=TINY_SEED, progress=False)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory, tiny_config: ModelConfig) -> Path:
+    """Directory of the same random weights in the Hugging Face layout (config.json with
+    model_type gpt_oss and an mxfp4 quantization_config, sharded safetensors + index)."""
+    directory = tmp_path_factory.mktemp("tiny_hf")
+    write_random(directory, tiny_config, fmt="hf", seed=TINY_SEED, progress=False)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory, tiny_original: Path, tiny_hf: Path) -> Path:
+    """A hub-snapshot-shaped directory: the HF layout at the root plus `original/`."""
+    root = tmp_path_factory.mktemp("tiny_repo")
+    for f in tiny_hf.iterdir():
+        shutil.copy2(f, root / f.name)
+    shutil.copytree(tiny_original, root / "original")
+    return root
