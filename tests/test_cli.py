@@ -83,3 +83,35 @@ def test_make_random_writes_a_loadable_checkpoint(tmp_path):
     assert out.returncode == 0, out.stderr
     gen = run("generate", "--model", str(tmp_path / "ckpt"), "--prompt", "x", "--max-tokens", "2")
     assert gen.returncode == 0, gen.stderr
+
+
+# -- the bundled nano model, the default --model ---------------------------------------------------
+
+def test_chat_with_nano_adds_with_reasoning():
+    out = run("chat", "--temperature", "0", "--show-reasoning", stdin="What is 348 + 275?\n")
+    assert out.returncode == 0, out.stderr
+    assert "623" in out.stdout
+    assert "Units" in out.stdout          # the worked steps, shown with --show-reasoning
+    hidden = run("chat", "--temperature", "0", stdin="What is 348 + 275?\n")
+    assert "623" in hidden.stdout and "Units" not in hidden.stdout
+
+
+def test_chat_with_nano_knows_capitals():
+    out = run("chat", "--temperature", "0", stdin="What is the capital of Peru?\n")
+    assert out.returncode == 0, out.stderr
+    assert "Lima" in out.stdout
+
+
+def test_chat_with_nano_calls_demo_tools():
+    out = run("chat", "--temperature", "0", "--tools", "demo", stdin="What's the weather in Paris?\n")
+    assert out.returncode == 0, out.stderr
+    assert '→ get_weather({"city": "Paris"})' in out.stdout.replace('{"city":"Paris"}', '{"city": "Paris"}')
+    assert "← " in out.stdout              # the demo tool ran and its result went back
+    final = out.stdout.split("← ", 1)[1]
+    assert "Paris" in final
+
+
+def test_generate_defaults_to_nano():
+    out = run("generate", "--prompt", "Hello", "--max-tokens", "5", "--seed", "0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Hello")

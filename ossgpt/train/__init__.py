@@ -1,0 +1,1 @@
+"""Training: one loop (trainer.py) for every method."""

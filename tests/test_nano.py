@@ -1,0 +1,47 @@
+"""The bundled nano model: small, quick to load, and actually trained (held-out accuracy per
+task family, greedy)."""
+
+import time
+
+import pytest
+import torch
+
+import ossgpt
+from ossgpt import nano
+
+N_PER_FAMILY = 60
+
+
+@pytest.fixture(scope="module")
+def nano_model():
+    t = time.perf_counter()
+    model = ossgpt.load("nano", device="cpu", dtype=torch.bfloat16, progress=False)
+    print(f"\nnano loaded in {time.perf_counter() - t:.2f} s")
+    return model
+
+
+def test_bundled_checkpoint_is_small_and_real_architecture(nano_model):
+    size = sum(f.stat().st_size for f in nano.bundled_path().iterdir())
+    print(f"bundled nano: {size / 1e6:.2f} MB")
+    assert size <= 15e6
+    cfg = nano_model.config
+    assert cfg.vocab_size == 201088 and cfg.num_experts >= 4 and cfg.experts_per_token >= 2
+    assert cfg.layer_types[0] == "sliding_attention" and cfg.layer_types[1] == "full_attention"
+    assert nano_model.blocks[0].mlp.experts.packed          # experts stay MXFP4
+    assert cfg.rope_scaling_factor == 32.0                   # YaRN
+
+
+def test_held_out_accuracy(nano_model):
+    results = nano.evaluate(nano_model, n_per_family=N_PER_FAMILY, progress=False)
+    for family, r in results.items():
+        print(f"{family:<12} n={r['n']:<4} accuracy={r['accuracy']:.1%} well-formed={r['well_formed']:.1%}")
+    total = sum(r["n"] for r in results.values())
+    well_formed = sum(r["well_formed"] * r["n"] for r in results.values()) / total
+    assert well_formed >= 0.99
+    # Floors under the committed model's measured figures (eval-nano, 200 per family: capitals
+    # 94.8%, tools 60%, addition 36%), so a regression fails. Issue 3's targets (capitals and
+    # tools >= 95%, addition >= 90%) need a longer training run than this one.
+    assert results["capitals"]["accuracy"] >= 0.85
+    assert results["tools"]["accuracy"] >= 0.45
+    assert results["addition"]["accuracy"] >= 0.20
+    assert results["refusal"]["accuracy"] >= 0.90
