@@ -441,7 +441,9 @@ def test_weights_are_memory_mapped(tiny_config, tmp_path):
           f"{r['after_load']['VmRSS'] / GB:.3f} GB after load (+{grew / GB:.3f} GB) in {r['load_s']:.2f} s; "
           f"embedding mapped from: {r['embedding_mapping'] or '(anonymous memory)'}")
     assert r["embedding_mapping"].endswith("model.safetensors")
-    assert grew < 0.2 * size
+    # Reading the file into memory would add at least its size; a mapping adds only the small
+    # tensors converted to float32 and torch's own allocations (measured 0.08 GB here).
+    assert grew < 0.5 * size
 
 
 def test_20b_shaped_checkpoint_peak_rss(tmp_path):
