@@ -97,7 +97,3 @@ def generate(model: Transformer, prompts: list[list[int]], max_tokens: int = 256
         logits = decode_step(model, tokens, positions, cache)
         positions = positions + 1
 
-
-def complete(model: Transformer, prompt: list[int], **kwargs) -> list[TokenEvent]:
-    """All events of a single prompt's completion."""
-    return list(generate(model, [prompt], **kwargs))

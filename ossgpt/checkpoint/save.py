@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..model import Transformer
 from . import formats
-from .formats import HF, ORIGINAL
+from .formats import ORIGINAL
 
 _DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16",
                 torch.uint8: "U8", torch.int64: "I64"}

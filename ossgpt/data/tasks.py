@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..demo_tools import DEMO_TOOLS, UNKNOWN_PLACES, WEATHER, sample_exchange
-from .examples import score  # noqa: F401  (lives beside the rendering; re-exported here)
 
 FAMILIES = ("addition", "subtraction", "capitals", "strings", "tools", "refusal", "smalltalk")
 # Arithmetic is the hardest to learn (carries, borrows, number <-> digit mappings): weight it.
