@@ -96,4 +96,3 @@ def generate(model: Transformer, prompts: list[list[int]], max_tokens: int = 256
             rows = [rows[i] for i in keep]
         logits = decode_step(model, tokens, positions, cache)
         positions = positions + 1
-

@@ -36,7 +36,7 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
     header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, (dtype, shape) in specs.items():
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
@@ -119,7 +119,7 @@ def write_checkpoint(directory: str | os.PathLike, config: ModelConfig, get: Cal
     else:
         shards, current, size = [], {}, 0
         for name, spec in specs.items():
-            nbytes = math.prod(spec[1]) * torch.empty((), dtype=spec[0]).element_size()
+            nbytes = math.prod(spec[1]) * spec[0].itemsize
             if current and size + nbytes > shard_bytes:
                 shards.append(current)
                 current, size = {}, 0
@@ -131,7 +131,7 @@ def write_checkpoint(directory: str | os.PathLike, config: ModelConfig, get: Cal
             fname = f"model-{i:05d}-of-{len(shards) - 1:05d}.safetensors"
             write_safetensors(directory / fname, shard, produce, progress=bar)
             weight_map.update(dict.fromkeys(shard, fname))
-        total = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for d, s in specs.values())
+        total = sum(math.prod(s) * d.itemsize for d, s in specs.values())
         _write_json(directory / "model.safetensors.index.json",
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
         _write_json(directory / "generation_config.json",
