@@ -18,6 +18,7 @@ COMMANDS = {
     "make-random": commands.make_random,
     "train-nano": commands.train_nano,
     "eval-nano": commands.eval_nano,
+    "serve": commands.serve,
 }
 
 

@@ -191,6 +191,40 @@ def eval_nano(model: str = "nano", n: int = 200, seed: int = 0, output: str | No
     print(f"{'family':<14}{'n':>5}{'accuracy':>10}{'well-formed':>13}")
     for family, r in results.items():
         print(f"{family:<14}{r['n']:>5}{r['accuracy']:>10.1%}{r['well_formed']:>13.1%}")
+    for family, r in results.items():
+        if "right_tool" in r:
+            print(f"{family}: right tool with JSON-object arguments in {r['right_tool']:.1%} "
+                  f"of {r['calls']} prompts that expect a call")
     if output:
         with open(output, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, max_batch: int = 16, max_model_len: int | None = None,
+          max_queue: int = 256, served_name: str | None = None, device: str = "cpu",
+          dtype: str = "bfloat16") -> None:
+    """Serve the model behind an OpenAI-compatible HTTP API (chat completions, responses,
+    completions) with continuous batching.
+
+    model: checkpoint directory, hub id, or "nano" (the bundled demo model)
+    host: interface to listen on
+    port: TCP port
+    api_key: require "Authorization: Bearer KEY" on every route but /health
+    max_batch: most requests decoded together
+    max_model_len: context limit per request (prompt + output tokens)
+    max_queue: requests waiting beyond the batch before new ones get 503
+    served_name: the model name clients send (default: the --model argument)
+    device: cpu, cuda, ...
+    dtype: bfloat16, float32 or float16"""
+    import uvicorn
+
+    from .server.app import create_app
+
+    if max_batch < 1 or max_queue < 1 or (max_model_len is not None and max_model_len < 2):
+        raise OssgptError("--max-batch and --max-queue must be >= 1, --max-model-len >= 2")
+    net = _load(model, device, dtype)
+    app = create_app(net, served_name or model, api_key=api_key, max_batch=max_batch,
+                     max_model_len=max_model_len, max_queue=max_queue)
+    print(f"Serving {served_name or model} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)

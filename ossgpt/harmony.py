@@ -192,10 +192,12 @@ def _drop_old_analysis(messages: list[Message]) -> list[Message]:
 
 @dataclass
 class ReplyDelta:
-    """New text of the message being generated; channel "final" for text without a header."""
+    """New text of the message being generated; channel "final" for text without a header.
+    `message` numbers the reply's messages, so two calls of the same tool stay apart."""
     channel: str
     recipient: str | None
     text: str
+    message: int = 0
 
 
 @dataclass
@@ -235,6 +237,14 @@ def tool_name(recipient: str) -> str:
     return re.match(r"[\w.\-]*", name).group(0)
 
 
+def called_function(channel: str | None, recipient: str | None) -> str | None:
+    """The function a message with this header calls ("" when the name is unusable), or None
+    when it is not a call."""
+    if recipient and recipient not in _NOT_TOOLS and channel != "final":
+        return tool_name(recipient)
+    return None
+
+
 class ReplyParser:
     """Streams the assistant's reply tokens into deltas and messages; never raises on model output.
 
@@ -260,7 +270,15 @@ class ReplyParser:
         self._decoder = IncrementalDecoder(self._tok, skip_special=True)
         self._recovering = False
         self._finished = False
+        self._message_no = 0
         self.well_formed = True
+
+    @property
+    def in_content(self) -> tuple[str, str | None] | None:
+        """(channel, recipient) of the message whose content is being generated, else None."""
+        if self._recovering:
+            return ("final", None)
+        return (self._header[1] or "final", self._header[2]) if self._in_content else None
 
     def push(self, token: int) -> ReplyDelta | None:
         """Feed one generated token; return the text it adds, if any."""
@@ -278,6 +296,7 @@ class ReplyParser:
             return self._complete()
         if token == MESSAGE and self._parser.state == oh.StreamState.CONTENT:
             self._in_content = True
+            self._message_no += 1
             self._header = (getattr(self._parser.current_role, "value", "assistant"),
                             _clean(self._parser.current_channel),
                             _clean(self._parser.current_recipient))
@@ -316,8 +335,8 @@ class ReplyParser:
         for m in messages:
             if m.role != "assistant":
                 continue  # e.g. a hallucinated tool result
-            if m.recipient and m.recipient not in _NOT_TOOLS and m.channel != "final":
-                if name := tool_name(m.recipient):
+            if (name := called_function(m.channel, m.recipient)) is not None:
+                if name:
                     calls.append(ToolCall(name, m.text))
                 else:
                     well_formed = False
@@ -343,7 +362,8 @@ class ReplyParser:
             return None
         self._pieces.append(text)
         role, channel, recipient = self._header
-        return ReplyDelta(channel or "final", recipient, text) if role == "assistant" else None
+        return (ReplyDelta(channel or "final", recipient, text, self._message_no)
+                if role == "assistant" else None)
 
     def _complete(self) -> ReplyDelta | None:
         """A message just ended: convert what the library parsed, with our decoded text."""
@@ -364,7 +384,9 @@ class ReplyParser:
                 self.well_formed = False
             self._messages.append(parsed)
             if not self._in_content and text and parsed.role == "assistant":
-                delta = ReplyDelta(parsed.channel or "final", parsed.recipient, text)
+                self._message_no += 1
+                delta = ReplyDelta(parsed.channel or "final", parsed.recipient, text,
+                                   self._message_no)
         self._in_content = False
         self._pieces = []
         return delta
@@ -388,7 +410,7 @@ class ReplyParser:
         if text:
             self._messages.append(ParsedMessage("assistant", "final", None, None, text))
         self._pieces = []
-        return ReplyDelta("final", None, tail) if tail else None
+        return ReplyDelta("final", None, tail, self._message_no) if tail else None
 
 
 def parse_reply(tokens: Iterable[int], *, role: Role | None = Role.ASSISTANT) -> Reply:

@@ -42,9 +42,28 @@ class KVCache:
         self.k, self.v, self.pos = new_k, new_v, new_pos
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (finished sequences leave the batch)."""
-        if self.k is not None:
-            self.k, self.v, self.pos = self.k[rows], self.v[rows], self.pos[rows]
+        """Keep only these batch rows (finished sequences leave the batch), then drop leading
+        slots that no remaining row uses (left padding of a longer row that left)."""
+        if self.k is None:
+            return
+        self.k, self.v, self.pos = self.k[rows], self.v[rows], self.pos[rows]
+        used = (self.pos[:, :self.length] >= 0).any(0).nonzero()
+        start = int(used[0]) if len(used) else self.length
+        if start:
+            n = self.length - start
+            self.k, self.v, self.pos = (t[:, start:].clone() for t in (self.k, self.v, self.pos))
+            self.length = n
+
+    def contents(self):
+        """(k, v, pos) of the written slots, or None when empty."""
+        return None if self.k is None else (self.k[:, :self.length], self.v[:, :self.length],
+                                            self.pos[:, :self.length])
+
+    def set_contents(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        self.k = self.v = self.pos = None
+        self.length = 0
+        self._grow(k, v, max(2 * k.shape[1], 256))
+        self.update(k, v, pos)
 
     @property
     def nbytes(self) -> int:
@@ -73,6 +92,12 @@ class SlidingKVCache:
         if self.k is not None:
             self.k, self.v, self.pos = self.k[rows], self.v[rows], self.pos[rows]
 
+    def contents(self):
+        return None if self.k is None else (self.k, self.v, self.pos)
+
+    def set_contents(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        self.k, self.v, self.pos = k[:, -self.window:], v[:, -self.window:], pos[:, -self.window:]
+
     @property
     def nbytes(self) -> int:
         return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
@@ -95,6 +120,29 @@ class Cache:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+    def extend(self, other: "Cache") -> None:
+        """Append the rows of `other` to this batch (a request joining a running batch).
+        The shorter side is padded on the left, the oldest end, with empty slots (position -1):
+        masks come from positions, and a sliding layer drops its oldest slots first."""
+        for mine, theirs in zip(self.layers, other.layers):
+            a, b = mine.contents(), theirs.contents()
+            if a is None or b is None:
+                if b is not None:
+                    mine.set_contents(*b)
+                continue
+            n = max(a[0].shape[1], b[0].shape[1])
+            mine.set_contents(*(torch.cat([_left_pad(x, n), _left_pad(y, n)])
+                                for x, y in zip(a, b)))
+        self.next_position = max(self.next_position, other.next_position)
+
+
+def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Pad dim 1 of keys/values (with 0) or positions (with -1) on the left to length n."""
+    if t.shape[1] == n:
+        return t
+    pad = t.new_full((t.shape[0], n - t.shape[1], *t.shape[2:]), -1 if t.dtype == torch.long else 0)
+    return torch.cat([pad, t], dim=1)
 
 
 def make_cache(config: ModelConfig) -> Cache:

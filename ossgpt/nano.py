@@ -215,7 +215,8 @@ def export(lm: CompactLM, directory: str | Path) -> Path:
 def evaluate(model: Transformer, n_per_family: int = 200, seed: int = 0, batch_size: int = 32,
              max_tokens: int = 160, progress: bool = True) -> dict[str, dict[str, float]]:
     """Greedy replies to held-out prompts of every family -> per family: accuracy and the rate
-    of well-formed harmony (analysis + final, or a tool call with valid JSON)."""
+    of well-formed harmony (analysis + final, or a tool call with valid JSON); for families
+    with tool calls also `right_tool`, over the `calls` prompts that expect one."""
     from tqdm import tqdm
 
     from .data import FAMILIES, examples, prompt_tokens, score
@@ -236,5 +237,10 @@ def evaluate(model: Transformer, n_per_family: int = 200, seed: int = 0, batch_s
             results.setdefault(ex.family, []).append(score(ex, parse_reply(tokens)))
         bar.update(len(chunk))
     bar.close()
-    return {f: {"n": len(r), "accuracy": sum(x["correct"] for x in r) / len(r),
-                "well_formed": sum(x["well_formed"] for x in r) / len(r)} for f, r in results.items()}
+    out = {f: {"n": len(r), "accuracy": sum(x["correct"] for x in r) / len(r),
+               "well_formed": sum(x["well_formed"] for x in r) / len(r)} for f, r in results.items()}
+    for f, r in results.items():
+        if calls := [x["right_tool"] for x in r if "right_tool" in x]:
+            out[f]["calls"] = len(calls)
+            out[f]["right_tool"] = sum(calls) / len(calls)
+    return out

@@ -42,3 +42,32 @@ def test_layer_types_choose_cache_kinds():
     cache = make_cache(ModelConfig.preset("tiny"))
     kinds = [type(c) for c in cache.layers]
     assert kinds == [SlidingKVCache, KVCache, SlidingKVCache, KVCache]
+
+
+def test_joining_a_running_batch_matches_running_alone(tiny_original):
+    """A request prefilled apart and joined to a running batch (Cache.extend, as the server's
+    continuous batching does) decodes exactly as it would alone; when the longer row leaves,
+    its left padding is dropped."""
+    import ossgpt
+    from ossgpt.generate import decode_step, prefill
+
+    model = ossgpt.load(tiny_original, dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(0)
+    long, short = (torch.randint(0, 1000, (n,), generator=g).tolist() for n in (300, 40))
+    running = model.make_cache()
+    prefill(model, [long], running)
+    for step in range(3):                      # the long one decodes a while before the join
+        decode_step(model, torch.tensor([7]), torch.tensor([300 + step]), running)
+    joining = model.make_cache()
+    prefill(model, [short], joining)
+    running.extend(joining)
+    logits = decode_step(model, torch.tensor([5, 9]), torch.tensor([303, 40]), running)
+    alone = model(torch.tensor([short + [9]]))[0, -1]
+    assert torch.allclose(logits[1], alone, rtol=1e-4, atol=1e-4)
+    full = model(torch.tensor([long + [7, 7, 7, 5]]))[0, -1]
+    assert torch.allclose(logits[0], full, rtol=1e-4, atol=1e-4)
+    running.select(torch.tensor([1]))
+    assert running.layers[1].length == 41      # the short row's slots only
+    assert running.layers[0].k.shape[1] <= model.config.sliding_window
+    logits = decode_step(model, torch.tensor([3]), torch.tensor([41]), running)
+    assert torch.allclose(logits[0], model(torch.tensor([short + [9, 3]]))[0, -1], rtol=1e-4, atol=1e-4)

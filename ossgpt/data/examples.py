@@ -174,7 +174,8 @@ def score(example: Example, reply: Reply) -> dict[str, bool]:
     against `example.expected`: {"well_formed", "correct"}.
 
     well_formed: the reply parsed cleanly into analysis + final, or into tool calls whose
-    arguments are JSON objects. correct: the answer number is the last number of the final
+    arguments are JSON objects. right_tool (examples that expect a call): the first call names
+    the expected function and its arguments are a JSON object. correct: the answer number is the last number of the final
     content; the capital (or country) is named; the reversed list appears; the tool and its
     arguments match (strings case-insensitively, numbers within 1e-6); a refusal is
     recognised; small talk mentions the expected words. Answers must not call tools."""
@@ -204,4 +205,8 @@ def score(example: Example, reply: Reply) -> dict[str, bool]:
         correct = _norm(exp["answer"]) in _norm(content)
     else:
         correct = re.search(rf"\b{re.escape(exp['answer'])}\b", content, re.IGNORECASE) is not None
-    return {"well_formed": bool(well_formed), "correct": bool(correct)}
+    out = {"well_formed": bool(well_formed), "correct": bool(correct)}
+    if "tool" in exp:  # the call alone: the right function with a JSON object for arguments
+        out["right_tool"] = (bool(reply.tool_calls) and reply.tool_calls[0].name == exp["tool"]
+                             and args[0] is not None)
+    return out

@@ -1,0 +1,213 @@
+"""Continuous batching: one thread decodes every active request together, one token per step.
+
+New requests are prefilled (together, when several wait) into a cache of their own which then
+joins the running batch between two decode steps (`Cache.extend`); a finished or cancelled
+request leaves the batch at once and its cache rows are freed (`Cache.select`). Each request has
+its own sampling parameters, seeded generator and optional logits constraint, so its tokens
+do not depend on what else shares the batch. Results go back to the asyncio side through each
+request's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate import TokenEvent, decode_step, prefill
+from ..model import Transformer
+from ..sampling import SamplingParams, make_generators, make_sampler
+from .constrain import ReplyConstraint
+from .metrics import Metrics
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Sequence:
+    """One generation request and its live state."""
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop_tokens: frozenset[int]
+    top_logprobs: int = 0
+    constraint: ReplyConstraint | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+    events: asyncio.Queue | None = None      # TokenEvents, then None at the end
+    loop: asyncio.AbstractEventLoop | None = None
+    cancelled: bool = False
+    generated: int = 0
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        self.sample = make_sampler(self.sampling)
+        self.generator: torch.Generator | None = None   # made on the model's device on admission
+
+    def emit(self, item: TokenEvent | None) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class Engine:
+    """The batching loop. `submit` from the event loop; `stream` to iterate a request's events."""
+
+    def __init__(self, model: Transformer, max_batch: int = 16, max_queue: int = 256,
+                 metrics: Metrics | None = None) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._wake = threading.Condition()
+        self._active: list[Sequence] = []
+        self._cache = None
+        self._logits: torch.Tensor | None = None   # (B, V): next-token logits of each active row
+        self._positions: torch.Tensor | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="ossgpt-engine", daemon=True)
+        self._thread.start()
+
+    # -- the asyncio side -----------------------------------------------------------------------
+
+    def submit(self, seq: Sequence) -> Sequence:
+        seq.loop = asyncio.get_running_loop()
+        seq.events = asyncio.Queue()
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the server is at capacity ({self.max_queue} requests waiting)")
+            self._waiting.append(seq)
+            self.metrics.queue_size.set(len(self._waiting))
+            self._wake.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop generating for this request (client gone); its cache is freed on the next step."""
+        seq.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    async def stream(self, seq: Sequence):
+        """Yield the request's TokenEvents until it ends; cancels it if the consumer stops."""
+        try:
+            while (event := await seq.events.get()) is not None:
+                yield event
+            if seq.error:
+                raise RuntimeError(seq.error)
+        finally:
+            self.cancel(seq)  # a no-op when it already ended
+
+    def stats(self) -> dict:
+        cache = self._cache
+        return {"active": len(self._active), "waiting": len(self._waiting),
+                "cache_bytes": cache.nbytes if cache is not None else 0}
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    # -- the engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopped and not self._active and not self._waiting:
+                    self._wake.wait()
+                if self._stopped:
+                    return
+                joining = []
+                while self._waiting and len(self._active) + len(joining) < self.max_batch:
+                    seq = self._waiting.popleft()
+                    if seq.cancelled:
+                        seq.emit(None)
+                    else:
+                        joining.append(seq)
+                self.metrics.queue_size.set(len(self._waiting))
+            try:
+                with torch.inference_mode():
+                    self._step(joining)
+            except Exception as e:  # never let one bad step kill the server
+                for seq in self._active + joining:
+                    seq.error = f"generation failed: {e}"
+                    seq.emit(None)
+                self._active, self._cache, self._logits, self._positions = [], None, None, None
+
+    def _step(self, joining: list[Sequence]) -> None:
+        if joining:
+            self._admit(joining)
+        if not self._active:
+            return
+        logits = self._logits
+        for i, seq in enumerate(self._active):
+            if seq.constraint is not None and seq.constraint.active:
+                seq.constraint.apply(logits[i])
+        logprobs = torch.log_softmax(logits, dim=-1)
+        keep, tokens = [], []
+        now = time.perf_counter()
+        for i, seq in enumerate(self._active):
+            if seq.cancelled:
+                seq.emit(None)
+                continue
+            token = int(seq.sample(logprobs[i:i + 1], [seq.generator])[0])
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
+            seq.generated += 1
+            reason = ("stop" if token in seq.stop_tokens else
+                      "length" if seq.generated >= seq.max_tokens else None)
+            top = []
+            if seq.top_logprobs:
+                values, indices = torch.topk(logprobs[i], seq.top_logprobs)
+                top = list(zip(indices.tolist(), values.tolist()))
+            seq.emit(TokenEvent(0, token, float(logprobs[i, token]), top, reason))
+            if seq.first_token is None:
+                seq.first_token = now
+                self.metrics.ttft.observe(now - seq.submitted)
+            if reason is None:
+                keep.append(i)
+                tokens.append(token)
+            else:
+                seq.emit(None)
+                self.metrics.finished(seq, now)
+        self.metrics.generated_tokens.inc(len(self._active))
+        if len(keep) < len(self._active):
+            index = torch.tensor(keep, dtype=torch.long)
+            self._active = [self._active[i] for i in keep]
+            self._positions = self._positions[index]
+            if self._active:
+                self._cache.select(index.to(self.model.device))
+            else:
+                self._cache = None
+        self.metrics.batch_size.observe(len(self._active))
+        self.metrics.active.set(len(self._active))
+        if not self._active:
+            self._logits = None
+            return
+        device = self.model.device
+        self._logits = decode_step(self.model, torch.tensor(tokens, device=device),
+                                   self._positions.to(device), self._cache)
+        self._positions = self._positions + 1
+
+    def _admit(self, joining: list[Sequence]) -> None:
+        for seq in joining:
+            seq.generator = make_generators(seq.sampling.seed, 1, self.model.device)[0]
+        cache = self.model.make_cache()
+        logits = prefill(self.model, [s.prompt for s in joining], cache)
+        self.metrics.prompt_tokens.inc(sum(len(s.prompt) for s in joining))
+        positions = torch.tensor([len(s.prompt) for s in joining])
+        if self._cache is None:
+            self._cache, self._logits, self._positions = cache, logits, positions
+        else:
+            self._cache.extend(cache)
+            self._logits = torch.cat([self._logits, logits])
+            self._positions = torch.cat([self._positions, positions])
+        self._active.extend(joining)
