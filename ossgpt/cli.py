@@ -19,6 +19,8 @@ COMMANDS = {
     "train-nano": commands.train_nano,
     "eval-nano": commands.eval_nano,
     "serve": commands.serve,
+    "finetune": commands.finetune,
+    "merge-adapter": commands.merge_adapter,
 }
 
 

@@ -228,3 +228,123 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
                      max_model_len=max_model_len, max_queue=max_queue)
     print(f"Serving {served_name or model} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+
+
+def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: int = 8,
+             lora_alpha: float = 16.0, target: str = "attention,experts", steps: int | None = None,
+             epochs: float = 1.0, lr: float | None = None, batch_tokens: int = 4096,
+             output: str = "checkpoints/finetune", resume: bool = False, val_split: float = 0.1,
+             strict: bool = False, grad_checkpointing: bool = False, dtype: str = "float32",
+             micro_batch_tokens: int = 4096, seed: int = 0) -> None:
+    """Fine-tune on chat data (JSONL of OpenAI-style messages) with LoRA or fully; loss on the
+    assistant's tokens. Writes a PEFT adapter (lora) or a checkpoint (full) under OUTPUT.
+
+    data: JSONL file (one {"messages": [...], "tools"?: [...]} per line) or a hub dataset name
+    model: base checkpoint directory, hub id, or "nano"
+    method: lora or full
+    lora_rank: adapter rank
+    lora_alpha: adapter scale numerator (scale = alpha / rank)
+    target: comma-separated LoRA targets among attention, experts, router
+    steps: optimizer steps (default: EPOCHS passes over the training data)
+    epochs: passes over the data when --steps is not given
+    lr: peak learning rate (default 1e-3 for lora, 1e-4 for full)
+    batch_tokens: tokens per optimizer step
+    output: run directory (checkpoints, adapter or model, metrics.json)
+    resume: continue the run in OUTPUT (after an interruption or kill)
+    val_split: share of conversations held out for validation loss and answer accuracy
+    strict: stop at the first malformed data line instead of skipping it
+    grad_checkpointing: recompute activations in the backward pass (less memory)
+    dtype: float32 or bfloat16 weights while training
+    micro_batch_tokens: padded tokens per forward pass (gradients accumulate over a step)
+    seed: data order and adapter initialisation
+
+    Under torchrun (several processes, torch.distributed), each process takes a share of
+    every step's micro-batches and gradients are summed: the same steps as one process."""
+    import json
+    import math
+    import os
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from . import finetune as ft
+    from .lora import LoraConfig, add_lora, save_adapter
+    from .train.trainer import TrainConfig
+
+    if method not in ("lora", "full"):
+        raise OssgptError(f"--method must be lora or full, got {method!r}")
+    out = Path(output)
+    if (out / "train_state.pt").exists() and not resume:
+        raise OssgptError(f"{out} already holds a run: pass --resume to continue it, or choose "
+                          f"another --output")
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    chats, problems = ft.read_chats(data, strict=strict)
+    for p in problems[:10] if rank == 0 else []:
+        print(f"skipped {p}", file=sys.stderr)
+    if len(problems) > 10 and rank == 0:
+        print(f"... and {len(problems) - 10} more malformed lines skipped", file=sys.stderr)
+    train, val = ft.split(chats, val_split, seed)
+    net = _load(model, "cpu", dtype)
+    torch.manual_seed(seed)
+    if method == "lora":
+        lora_cfg = LoraConfig(rank=lora_rank, alpha=lora_alpha,
+                              targets=tuple(t.strip() for t in target.split(",") if t.strip()))
+        add_lora(net, lora_cfg)
+    else:
+        ft.unpack_experts(net)
+        net.requires_grad_(True)
+    per_step = ft.batch_source(train, batch_tokens, seed).per_step
+    steps = steps or max(1, math.ceil(epochs * len(train) / per_step))
+    cfg = TrainConfig(steps=steps, lr=lr or (1e-3 if method == "lora" else 1e-4), seed=seed,
+                      warmup_steps=max(1, min(50, steps // 10)), weight_decay=0.0,
+                      eval_every=max(1, steps // 10), save_every=max(1, min(50, steps // 10)))
+    t0 = time.time()
+    history = ft.run(net, train, val, cfg, out, batch_tokens, grad_checkpointing,
+                     progress=rank == 0, micro_tokens=micro_batch_tokens)
+    seconds = time.time() - t0
+    if rank != 0:
+        dist.destroy_process_group()
+        return
+    accuracy = ft.answer_accuracy(net, val) if val else float("nan")
+    if method == "lora":
+        target_dir = save_adapter(net, lora_cfg, out / "adapter", base_model=model)
+    else:
+        from .checkpoint import save
+        target_dir = save(net, out / "model", progress=False)
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    metrics = {"steps": steps, "seconds": round(seconds, 1), "train_conversations": len(train),
+               "val_conversations": len(val), "skipped_lines": len(problems),
+               "final_loss": history[-1]["loss"] if history else None,
+               "val_loss": evals[-1] if evals else None, "val_answer_accuracy": accuracy}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"trained {steps} steps in {seconds:.0f} s; validation loss {metrics['val_loss']}, "
+          f"answer accuracy {accuracy:.1%}; wrote {target_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def merge_adapter(adapter: str, output: str, model: str = "nano", layout: str = "original") -> None:
+    """Fold a LoRA adapter into its base model and write a full checkpoint (experts
+    re-quantized to MXFP4; the quantization error is reported).
+
+    adapter: directory with adapter_config.json and adapter_model.safetensors
+    output: directory for the merged checkpoint
+    model: the base checkpoint the adapter was trained on
+    layout: original or hf"""
+    from .checkpoint import save
+    from .lora import load_adapter, merge
+
+    if layout not in ("original", "hf"):
+        raise OssgptError(f"--layout must be original or hf, got {layout!r}")
+    net = _load(model, "cpu", "float32")
+    load_adapter(net, adapter)
+    report = merge(net)
+    path = save(net, output, fmt=layout, progress=True)
+    print(f"merged {adapter} into {path} ({layout} layout); MXFP4 re-quantization error "
+          f"{report['requantization_error']:.2e} (relative, experts), adapter update "
+          f"{report['expert_update_norm']:.2e} of the expert weights")

@@ -213,7 +213,8 @@ def export(lm: CompactLM, directory: str | Path) -> Path:
 # -- evaluation --------------------------------------------------------------------------------
 
 def evaluate(model: Transformer, n_per_family: int = 200, seed: int = 0, batch_size: int = 32,
-             max_tokens: int = 160, progress: bool = True) -> dict[str, dict[str, float]]:
+             max_tokens: int = 160, progress: bool = True,
+             families: tuple[str, ...] | None = None) -> dict[str, dict[str, float]]:
     """Greedy replies to held-out prompts of every family -> per family: accuracy and the rate
     of well-formed harmony (analysis + final, or a tool call with valid JSON); for families
     with tool calls also `right_tool`, over the `calls` prompts that expect one."""
@@ -224,7 +225,7 @@ def evaluate(model: Transformer, n_per_family: int = 200, seed: int = 0, batch_s
     from .harmony import parse_reply, stop_tokens
     from .sampling import SamplingParams
 
-    cases = [ex for f in FAMILIES for ex in list(examples(f, "test", seed))[:n_per_family]]
+    cases = [ex for f in families or FAMILIES for ex in list(examples(f, "test", seed))[:n_per_family]]
     results: dict[str, list[dict]] = {}
     bar = tqdm(total=len(cases), desc="Evaluating", unit="prompt", disable=not progress)
     for i in range(0, len(cases), batch_size):

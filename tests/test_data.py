@@ -202,7 +202,9 @@ def _call(ex: Example) -> dict:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_score_gold_reply(family, test_sets):
     for ex in test_sets[family] + take(family, n=20):
-        assert score(ex, parse_reply(gold_turn(ex))) == {"well_formed": True, "correct": True}
+        result = score(ex, parse_reply(gold_turn(ex)))
+        assert result["well_formed"] and result["correct"]
+        assert result.get("right_tool", True) and ("right_tool" in result) == ("tool" in ex.expected)
 
 
 def _wrong(ex: Example) -> Example:
@@ -232,7 +234,9 @@ def _wrong(ex: Example) -> Example:
 def test_score_wrong_reply(family, test_sets):
     for ex in test_sets[family][:30]:
         result = score(ex, parse_reply(gold_turn(_wrong(ex))))
-        assert result == {"well_formed": True, "correct": False}, (ex.messages, result)
+        # wrong arguments, right function: the call alone still counts as the right tool
+        want = {"well_formed": True, "correct": False} | ({"right_tool": True} if "tool" in ex.expected else {})
+        assert result == want, (ex.messages, result)
 
 
 def test_score_malformed_and_misplaced_replies():
@@ -243,7 +247,8 @@ def test_score_malformed_and_misplaced_replies():
     tool_ex = next(e for e in examples("tools", "test", 0) if "tool" in e.expected)
     bad = copy.deepcopy(tool_ex)
     _call(bad)["arguments"] = '{"city": '
-    assert score(tool_ex, parse_reply(gold_turn(bad))) == {"well_formed": False, "correct": False}
+    assert score(tool_ex, parse_reply(gold_turn(bad))) == {"well_formed": False, "correct": False,
+                                                          "right_tool": False}
     # a tool call where an answer is expected is wrong, and an answer where a call is expected
     assert score(ex, parse_reply(gold_turn(tool_ex)))["correct"] is False
     assert score(tool_ex, parse_reply(gold_turn(ex)))["correct"] is False

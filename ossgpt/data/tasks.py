@@ -318,12 +318,37 @@ def _smalltalk(rng: random.Random) -> Example:
     return ex
 
 
+# -- multiplication: never in nano's mixture, the new skill of the fine-tuning demo ---------------
+_MUL_Q = ("What is {a} times {b}?|{a} times {b}?|Compute {a} times {b}.|How much is {a} times {b}?|"
+          "What's {a} times {b}?|Calculate {a} times {b}|Multiply {a} by {b}.|"
+          "What is {a} multiplied by {b}?|{a} x {b} = ?|Please work out {a} times {b}.").split("|")
+
+
+def _multiplication(rng: random.Random) -> Example:
+    """Single-digit products: a fact table to memorise, with held-out phrasings (as capitals)."""
+    a, b, t = rng.randint(2, 9), rng.randint(2, 9), rng.randrange(len(_MUL_Q))
+    msgs = _qa(_MUL_Q[t].format(a=a, b=b),
+               f"The user asks for {a} times {b}. I remember: {a} times {b} is {a * b}.",
+               f"{a} times {b} = {a * b}.")
+    return _ex(("multiplication", a, b, t), msgs, {"answer": str(a * b), "match": "number"})
+
+
+def chat_record(ex: Example) -> dict:
+    """An example as a line of chat fine-tuning data (`ossgpt finetune --data`)."""
+    dev = [{"role": "developer", "content": ex.developer}] if ex.developer else []
+    record = {"messages": dev + ex.messages, "reasoning_effort": ex.reasoning_effort,
+              "date": ex.date}
+    if ex.tools:
+        record["tools"] = ex.tools
+    return record
+
+
 # -- splits and streams --------------------------------------------------------------------------
 _GENERATORS: dict[str, tuple[Callable[[random.Random], Example], float]] = {
     # family: (generator, share of keys held out for test)
     "addition": (_addition, 0.1), "subtraction": (_subtraction, 0.1), "capitals": (_capitals, 0.2),
     "strings": (_strings, 0.1), "tools": (_tools, 0.15), "refusal": (_refusal, 0.2),
-    "smalltalk": (_smalltalk, 0.2),
+    "smalltalk": (_smalltalk, 0.2), "multiplication": (_multiplication, 0.2),
 }
 # Questions for earlier exchanges of multi-turn chats, and for the tools family's direct answers.
 _HISTORY = (_addition, _subtraction, _capitals, _strings)

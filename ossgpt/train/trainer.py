@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -76,6 +77,11 @@ class Trainer:
         self.eval_batches = eval_batches or []
         self.progress = progress
         self.optimizer = make_optimizer(model, cfg)
+        # Data parallel under torch.distributed (torchrun): each process takes every
+        # world-th micro-batch of the step and gradients are summed across processes, so the
+        # step is the same as one process doing all of it.
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         self.step = 0
         self.history: list[dict] = []
 
@@ -86,8 +92,12 @@ class Trainer:
         return self.out_dir / "train_state.pt"
 
     def save(self) -> None:
+        if self.rank != 0:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        # Only what trains: a LoRA run's checkpoint holds the adapter, not the frozen base.
+        trainable = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        state = {"model": trainable, "optimizer": self.optimizer.state_dict(),
                  "step": self.step, "history": self.history, "rng": torch.get_rng_state(),
                  "config": dataclasses.asdict(self.cfg)}
         tmp = self.state_path.with_suffix(".tmp")
@@ -99,7 +109,11 @@ class Trainer:
         if not self.state_path.is_file():
             return False
         state = torch.load(self.state_path, weights_only=False)
-        self.model.load_state_dict(state["model"])
+        result = self.model.load_state_dict(state["model"], strict=False)
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if result.unexpected_keys or trainable & set(result.missing_keys):
+            raise ValueError(f"{self.state_path} does not match the model being trained "
+                             f"(e.g. {(result.unexpected_keys or sorted(trainable & set(result.missing_keys)))[0]})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history = state["step"], state["history"]
         torch.set_rng_state(state["rng"])
@@ -125,12 +139,14 @@ class Trainer:
         batches = self.batches(self.step)     # micro-batches, gradients accumulated
         n_total = sum(b.n_targets for b in batches)
         loss_sum = 0.0
-        for batch in batches:
+        for batch in batches[self.rank::self.world]:
             # Weight each micro-batch by its share of target tokens: the step's gradient is
             # that of the mean loss over all of them, however they were split.
             loss = self.loss_fn(self.model, batch)
             (loss * batch.n_targets / n_total).backward()
             loss_sum += loss.item() * batch.n_targets
+        if self.world > 1:
+            loss_sum = self._all_reduce_grads(loss_sum)
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -139,12 +155,22 @@ class Trainer:
         return {"step": self.step, "loss": loss_sum / n_total, "lr": lr,
                 "grad_norm": float(grad_norm), "tokens": tokens}
 
+    def _all_reduce_grads(self, loss_sum: float) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:  # this process had no micro-batch touching it
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+        total = torch.tensor([loss_sum], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total)
+
     def fit(self, resume: bool = True) -> list[dict]:
         if resume and self.resume():
             print(f"resumed from {self.state_path} at step {self.step}")
         self.model.train()
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="Training", unit="step",
-                   disable=not self.progress)
+                   disable=not self.progress or self.rank != 0)
         while self.step < self.cfg.steps:
             t0 = time.perf_counter()
             record = self.train_step()

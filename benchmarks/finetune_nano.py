@@ -1,0 +1,86 @@
+"""Fine-tune nano with LoRA on a skill it was never trained on (single-digit multiplication, a
+fact table with held-out phrasings), and measure held-out accuracy before and after, plus the
+old families' accuracy, on this machine. Writes benchmarks/results/finetune_nano.json.
+
+    python benchmarks/finetune_nano.py [--steps 150] [--n-eval 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import ossgpt
+from ossgpt import nano
+from ossgpt.data import FAMILIES, examples
+from ossgpt.data.tasks import chat_record, mixture
+from ossgpt.lora import load_adapter
+
+ROOT = Path(__file__).resolve().parent
+
+
+def write_data(path: Path, n_new: int, n_replay: int, seed: int = 0) -> None:
+    """The new family's training split, plus some of nano's own mixture (replay) so the old
+    skills are not forgotten."""
+    new = itertools.islice(examples("multiplication", "train", seed), n_new)
+    old = itertools.islice(mixture(seed=seed + 99), n_replay)
+    with path.open("w") as f:
+        for ex in itertools.chain(new, old):
+            f.write(json.dumps(chat_record(ex)) + "\n")
+
+
+def accuracy(model, n_eval: int) -> dict:
+    held_out = nano.evaluate(model, n_per_family=n_eval, progress=False,
+                             families=("multiplication",) + FAMILIES)
+    return {f: round(r["accuracy"], 4) for f, r in held_out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--n-new", type=int, default=1500)
+    ap.add_argument("--n-replay", type=int, default=1500)
+    ap.add_argument("--n-eval", type=int, default=100)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--work", default="checkpoints/finetune-nano")
+    args = ap.parse_args()
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    data = work / "train.jsonl"
+    write_data(data, args.n_new, args.n_replay)
+    base = ossgpt.load("nano", dtype=torch.float32, progress=False)
+    before = accuracy(base, args.n_eval)
+    print("before:", before, flush=True)
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "ossgpt", "finetune", "--data", str(data),
+                    "--output", str(work / "run"), "--steps", str(args.steps),
+                    "--lora-rank", str(args.rank), "--lr", str(args.lr), "--val-split", "0.02"],
+                   check=True)
+    seconds = time.time() - t0
+    tuned = ossgpt.load("nano", dtype=torch.float32, progress=False)
+    load_adapter(tuned, work / "run" / "adapter")
+    after = accuracy(tuned, args.n_eval)
+    print("after:", after, flush=True)
+    result = {"steps": args.steps, "rank": args.rank, "lr": args.lr,
+              "train_lines": args.n_new + args.n_replay, "finetune_seconds": round(seconds, 1),
+              "threads": torch.get_num_threads(), "before": before, "after": after,
+              "run_metrics": json.loads((work / "run" / "metrics.json").read_text())}
+    out = ROOT / "results" / "finetune_nano.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""`ossgpt finetune`: chat data with bad lines, exact resume after kill -9, LoRA learning."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ossgpt import finetune as ft
+from ossgpt.data import examples
+from ossgpt.data.tasks import chat_record
+from ossgpt.errors import OssgptError
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ft") / "chats.jsonl"
+    lines = [json.dumps(chat_record(ex))
+             for ex in itertools.islice(examples("multiplication", "train", 0), 40)]
+    lines.insert(3, "{not json")
+    lines.insert(7, json.dumps({"messages": [{"role": "user", "content": "no answer"}]}))
+    lines.insert(9, json.dumps({"prompt": "not a chat"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bad_lines_are_reported_with_file_and_line(data: Path) -> None:
+    chats, problems = ft.read_chats(data)
+    assert len(chats) == 40
+    assert [p.split(": ")[0] for p in problems] == [f"{data}:4", f"{data}:8", f"{data}:10"]
+    assert "not JSON" in problems[0] and "assistant" in problems[1] and "messages" in problems[2]
+    with pytest.raises(OssgptError, match=f"{data}:4: not JSON"):
+        ft.read_chats(data, strict=True)
+
+
+def test_reasoning_field_names_are_equivalent(tmp_path: Path) -> None:
+    ex = next(examples("multiplication", "train", 0))
+    records = []
+    for key in ("reasoning", "reasoning_content", "thinking"):
+        r = json.loads(json.dumps(chat_record(ex)))  # a deep copy
+        turn = r["messages"][-1]
+        turn[key] = turn.pop("reasoning")
+        records.append(json.dumps(r))
+    (tmp_path / "d.jsonl").write_text("\n".join(records))
+    chats, problems = ft.read_chats(tmp_path / "d.jsonl")
+    assert not problems and chats[0].tokens == chats[1].tokens == chats[2].tokens
+    assert sum(chats[0].mask) > 10
+
+
+def test_steps_get_the_same_data_whatever_happened_before(data: Path) -> None:
+    chats, _ = ft.read_chats(data)
+    a, b = ft.batch_source(chats, 512, seed=3), ft.batch_source(chats, 512, seed=3)
+    b(0), b(1)
+    for x, y in zip(a(5), b(5)):
+        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.mask, y.mask)
+
+
+def _finetune(model: Path, data: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ossgpt", "finetune", "--model", str(model), "--data", str(data),
+           "--output", str(out), "--steps", "16", "--batch-tokens", "512", "--lr", "1e-2",
+           "--target", "attention,experts,router", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _history(out: Path) -> list[dict]:
+    return torch.load(out / "train_state.pt", weights_only=False)["history"]
+
+
+def test_kill_9_then_resume_continues_the_same_loss_curve(tiny_original, data, tmp_path) -> None:
+    straight = _finetune(tiny_original, data, tmp_path / "straight")
+    assert straight.wait(600) == 0, straight.stderr.read().decode()
+    expected = _history(tmp_path / "straight")
+
+    killed = _finetune(tiny_original, data, tmp_path / "killed")
+    state = tmp_path / "killed" / "train_state.pt"
+    step = 0
+    while step < 4:
+        assert killed.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+        if state.exists():
+            step = torch.load(state, weights_only=False)["step"]
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert step < 16
+    assert _finetune(tiny_original, data, tmp_path / "killed").wait(600) != 0  # needs --resume
+    resumed = _finetune(tiny_original, data, tmp_path / "killed", "--resume")
+    assert resumed.wait(600) == 0, resumed.stderr.read().decode()
+    got = _history(tmp_path / "killed")
+    print(f"\nkilled at step {step}; losses uninterrupted {[round(h['loss'], 4) for h in expected]}")
+    assert [h["step"] for h in got] == [h["step"] for h in expected]
+    for a, b in zip(got, expected):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    # And it learned: LoRA on random weights still fits the data a little.
+    evals = [h["eval_loss"] for h in expected if "eval_loss" in h]
+    assert evals[-1] < evals[0]
+    adapter = json.loads((tmp_path / "killed" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["target_modules"]
+
+
+def test_two_gloo_processes_match_one_process(tiny_original, data, tmp_path) -> None:
+    """torchrun with 2 CPU processes (gloo) on the same global batches: the same losses."""
+    args = ["--model", str(tiny_original), "--data", str(data), "--steps", "4",
+            "--batch-tokens", "1024", "--micro-batch-tokens", "256", "--lr", "1e-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "ossgpt", "finetune", *args,
+                          "--output", str(tmp_path / "one")], env=env, capture_output=True)
+    assert one.returncode == 0, one.stderr.decode()
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "ossgpt", "finetune", *args,
+                          "--output", str(tmp_path / "two")], env=env, capture_output=True)
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    a, b = _history(tmp_path / "one"), _history(tmp_path / "two")
+    print(f"\n1 process: {[round(h['loss'], 5) for h in a]}\n2 processes: {[round(h['loss'], 5) for h in b]}")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3)
