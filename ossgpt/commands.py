@@ -203,7 +203,7 @@ def eval_nano(model: str = "nano", n: int = 200, seed: int = 0, output: str | No
 def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 16, max_model_len: int | None = None,
           max_queue: int = 256, served_name: str | None = None, device: str = "cpu",
-          dtype: str = "bfloat16") -> None:
+          dtype: str = "bfloat16", adapter: str | None = None) -> None:
     """Serve the model behind an OpenAI-compatible HTTP API (chat completions, responses,
     completions) with continuous batching.
 
@@ -216,16 +216,24 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
     max_queue: requests waiting beyond the batch before new ones get 503
     served_name: the model name clients send (default: the --model argument)
     device: cpu, cuda, ...
-    dtype: bfloat16, float32 or float16"""
+    dtype: bfloat16, float32 or float16
+    adapter: LoRA adapters to serve beside the base, NAME=DIR[,NAME=DIR...]; requests pick one by model name"""
     import uvicorn
 
     from .server.app import create_app
 
     if max_batch < 1 or max_queue < 1 or (max_model_len is not None and max_model_len < 2):
         raise OssgptError("--max-batch and --max-queue must be >= 1, --max-model-len >= 2")
+    adapters = {}
+    for item in (adapter or "").split(","):
+        if item.strip():
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise OssgptError(f"--adapter wants NAME=DIR, got {item!r}")
+            adapters[name.strip()] = path.strip()
     net = _load(model, device, dtype)
     app = create_app(net, served_name or model, api_key=api_key, max_batch=max_batch,
-                     max_model_len=max_model_len, max_queue=max_queue)
+                     max_model_len=max_model_len, max_queue=max_queue, adapters=adapters)
     print(f"Serving {served_name or model} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
 

@@ -285,3 +285,88 @@ def merge(model: Transformer) -> dict[str, float]:
     model.requires_grad_(False)
     return {"requantization_error": math.sqrt(err2 / norm2) if norm2 else 0.0,
             "expert_update_norm": math.sqrt(delta2 / norm2) if norm2 else 0.0}
+
+
+# -- serving several adapters on one base ---------------------------------------------------------
+
+class _SwitchLinear(nn.Module):
+    """A frozen Linear with several named adapters; `active` picks one (None: the base)."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base, self.active = base, None
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, name: str, lora: LoRALinear) -> None:
+        self.factors[name] = (lora.lora_A.detach(), (lora.lora_B * lora.scale).detach())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.active in self.factors:
+            a, b = self.factors[self.active]
+            y = y + ((x.to(a.dtype) @ a.T) @ b.T).to(y.dtype)
+        return y
+
+
+class _SwitchExperts(nn.Module):
+    """Packed experts with several named adapters; `active` picks one (None: the base)."""
+
+    def __init__(self, base: Experts) -> None:
+        super().__init__()
+        self.base, self.active = base, None
+        self.factors: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def add(self, name: str, lora: LoRAExperts) -> None:
+        self.factors[name] = tuple(t.detach() for t in (
+            lora.mlp1_A, lora.mlp1_B * lora.scale, lora.mlp2_A, lora.mlp2_B * lora.scale))
+
+    @property
+    def mlp1_bias(self) -> torch.Tensor:
+        return self.base.mlp1_bias
+
+    @property
+    def mlp2_bias(self) -> torch.Tensor:
+        return self.base.mlp2_bias
+
+    def weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        w1, w2 = self.base.weights(e, dtype)
+        if self.active in self.factors:
+            a1, b1, a2, b2 = self.factors[self.active]
+            w1, w2 = w1 + (b1[e] @ a1[e]).to(dtype), w2 + (b2[e] @ a2[e]).to(dtype)
+        return w1, w2
+
+
+def _adapted_slots(model: Transformer):
+    for block in model.blocks:
+        for name in _ATTN:
+            yield block.attn, name
+        yield block.mlp, "router"
+        yield block.mlp, "experts"
+
+
+def load_adapters(model: Transformer, adapters: dict[str, str | os.PathLike]) -> None:
+    """Attach several PEFT adapters to one base model, to be switched per forward pass with
+    `set_adapter` (the server does it per batch); the base is shared, not copied."""
+    switches: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+    for name, path in adapters.items():
+        load_adapter(model, path)
+        for parent, attr in _adapted_slots(model):
+            module = getattr(parent, attr)
+            if isinstance(module, (LoRALinear, LoRAExperts)):
+                kind = _SwitchLinear if isinstance(module, LoRALinear) else _SwitchExperts
+                switch = switches.setdefault((id(parent), attr), (parent, attr, kind(module.base)))[2]
+                switch.add(name, module)
+                setattr(parent, attr, module.base)   # plain again for the next adapter
+    for parent, attr, switch in switches.values():
+        setattr(parent, attr, switch)
+    model.adapters = list(adapters)
+
+
+def set_adapter(model: Transformer, name: str | None) -> None:
+    for module in model.modules():
+        if isinstance(module, (_SwitchLinear, _SwitchExperts)):
+            module.active = name

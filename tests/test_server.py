@@ -240,3 +240,45 @@ def test_unparseable_output_never_leaks_markup(client: openai.OpenAI) -> None:
             if call.function.name in ("get_weather", "convert_units") and \
                     r.choices[0].finish_reason == "tool_calls":
                 json.loads(call.function.arguments)  # known tools' arguments are constrained
+
+
+def test_lora_adapters_are_served_beside_the_base(tmp_path) -> None:
+    """`--adapter NAME=DIR`: a request naming the adapter gets the adapted model's greedy
+    output, one naming the base gets the base's, also when both run at the same time."""
+    from conftest import run_server
+
+    from ossgpt.lora import LoraConfig, add_lora, load_adapter, save_adapter
+
+    model = ossgpt.load("nano", dtype=torch.float32, progress=False)
+    cfg = LoraConfig(rank=4, alpha=8, targets=("attention", "experts", "router"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in add_lora(model, cfg):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    save_adapter(model, cfg, tmp_path / "a1")
+
+    def python_api(adapter) -> str:
+        net = ossgpt.load("nano", dtype=torch.float32, progress=False)
+        if adapter:
+            load_adapter(net, adapter)
+        prompt = render_prompt(PERU)
+        tokens = [e.token for e in generate(net, [prompt], 60, SamplingParams(temperature=0),
+                                            stop_tokens())]
+        return parse_reply(tokens)
+
+    want = {"nano": python_api(None), "a1": python_api(tmp_path / "a1")}
+    assert want["nano"].reasoning != want["a1"].reasoning   # the adapter changes the output
+    with run_server("--dtype", "float32", "--adapter", f"a1={tmp_path / 'a1'}") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert sorted(m.id for m in client.models.list()) == ["a1", "nano"]
+
+        def ask(name: str):
+            r = client.chat.completions.create(model=name, messages=PERU, temperature=0,
+                                               max_tokens=60)
+            return name, r.choices[0].message
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(ask, ["nano", "a1", "a1", "nano"]))
+    for name, msg in results:
+        assert (msg.reasoning or "") == want[name].reasoning, name
+        assert (msg.content or "") == want[name].content, name

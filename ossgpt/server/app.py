@@ -77,12 +77,18 @@ class _BodyLimit:
 
 def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
                max_batch: int = 16, max_model_len: int | None = None,
-               max_queue: int = 256) -> FastAPI:
+               max_queue: int = 256, adapters: dict[str, str] | None = None) -> FastAPI:
+    """`adapters`: LoRA adapters (name -> PEFT directory) served beside the base model; a
+    request picks one by sending its name as `model`."""
+    if adapters:
+        from ..lora import load_adapters
+        load_adapters(model, adapters)
+    served = [model_name, *(adapters or {})]
     metrics = Metrics()
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
     context = model.config.initial_context_length * (model.config.rope_scaling_factor or 1)
     limits = Limits(min(max_model_len or context, context))
-    responses = ResponsesAPI(engine, model_name, limits)
+    responses = ResponsesAPI(engine, limits)
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -139,10 +145,13 @@ def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
     async def crashed(_: Request, exc: Exception):
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    def check_model(name: str) -> None:
-        if name != model_name:
+    def check_model(name: str) -> str | None:
+        """-> the adapter a model name asks for (None: the base model)."""
+        if name not in served:
             raise APIError(404, f"The model {name!r} does not exist; this server serves "
-                                f"{model_name!r}.", param="model", code="model_not_found")
+                                f"{', '.join(map(repr, served))}.", param="model",
+                           code="model_not_found")
+        return None if name == model_name else name
 
     @app.get("/health")
     async def health():
@@ -154,39 +163,40 @@ def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [_model_card(model_name, created)]}
+        return {"object": "list", "data": [_model_card(name, created) for name in served]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
         check_model(name)
-        return _model_card(model_name, created)
+        return _model_card(name, created)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
-        check_model(req.model)
+        adapter = check_model(req.model)
         prompt, settings = chat_completions.prepare(req, limits)
+        settings["adapter"] = adapter
         if req.stream:
-            events = chat_completions.stream(engine, req, model_name, prompt, settings)
+            events = chat_completions.stream(engine, req, req.model, prompt, settings)
             return await _sse(events, request)
         return await _unless_disconnected(
-            chat_completions.complete(engine, req, model_name, prompt, settings), request)
+            chat_completions.complete(engine, req, req.model, prompt, settings), request)
 
     @app.post("/v1/completions")
     async def complete(req: CompletionRequest, request: Request):
-        check_model(req.model)
+        adapter = check_model(req.model)
         prompt, budget, stops = completions.prepare(req, limits)
         if req.stream:
-            return await _sse(completions.stream(engine, req, model_name, prompt, budget, stops),
-                              request)
+            return await _sse(completions.stream(engine, req, req.model, prompt, budget, stops,
+                                                 adapter), request)
         return await _unless_disconnected(
-            completions.complete(engine, req, model_name, prompt, budget, stops), request)
+            completions.complete(engine, req, req.model, prompt, budget, stops, adapter), request)
 
     @app.post("/v1/responses")
     async def respond(req: ResponsesRequest, request: Request):
-        check_model(req.model)
+        adapter = check_model(req.model)
         if req.stream:
-            return await _sse(responses.stream(req), request, done=False, named=True)
-        return await _unless_disconnected(responses.create(req), request)
+            return await _sse(responses.stream(req, adapter), request, done=False, named=True)
+        return await _unless_disconnected(responses.create(req, adapter), request)
 
     return app
 

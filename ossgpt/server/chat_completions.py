@@ -60,7 +60,8 @@ def _runs(engine, req: ChatCompletionRequest, prompt: list[int], s: dict) -> lis
     for i in range(req.n):
         constraint = make_constraint(s["schemas"], s["choice"], s["json_schema"])
         seq = submit(engine, prompt, s["budget"], sampling_params(req.temperature, req.top_p,
-                     req.seed, i), constraint, top_logprobs=req.top_logprobs or 0)
+                     req.seed, i), constraint, top_logprobs=req.top_logprobs or 0,
+                     adapter=s.get("adapter"))
         runs.append(ReplyRun(engine, seq, s["stops"]))
     return runs
 

@@ -36,10 +36,11 @@ class _Choice:
     """One sampled continuation: decoded incrementally, cut at a stop string."""
 
     def __init__(self, engine, req: CompletionRequest, prompt: list[int], budget: int,
-                 stops: list[str], index: int) -> None:
+                 stops: list[str], index: int, adapter: str | None = None) -> None:
         self.engine, self.stops = engine, stops
         self.seq = submit(engine, prompt, budget, sampling_params(req.temperature, req.top_p,
-                          req.seed, index), top_logprobs=req.logprobs or 0, stop=_STOP)
+                          req.seed, index), top_logprobs=req.logprobs or 0, stop=_STOP,
+                          adapter=adapter)
         self.tokens: list[int] = []
         self.logprobs: list = []
         self.text = ""
@@ -78,8 +79,9 @@ def _usage(prompt: list[int], choices: list[_Choice]) -> dict:
     return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
 
 
-async def complete(engine, req: CompletionRequest, model: str, prompt, budget, stops) -> dict:
-    choices = [_Choice(engine, req, prompt, budget, stops, i) for i in range(req.n)]
+async def complete(engine, req: CompletionRequest, model: str, prompt, budget, stops,
+                   adapter: str | None = None) -> dict:
+    choices = [_Choice(engine, req, prompt, budget, stops, i, adapter) for i in range(req.n)]
 
     async def drain(c: _Choice) -> None:
         async for _ in c.deltas():
@@ -95,10 +97,11 @@ async def complete(engine, req: CompletionRequest, model: str, prompt, budget, s
             "usage": _usage(prompt, choices)}
 
 
-async def stream(engine, req: CompletionRequest, model: str, prompt, budget, stops):
+async def stream(engine, req: CompletionRequest, model: str, prompt, budget, stops,
+                 adapter: str | None = None):
     if req.n != 1:
         raise APIError(400, "streaming supports n=1 only", param="n")
-    choice = _Choice(engine, req, prompt, budget, stops, 0)
+    choice = _Choice(engine, req, prompt, budget, stops, 0, adapter)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": model}
     try:

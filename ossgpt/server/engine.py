@@ -1,4 +1,6 @@
 """Continuous batching: one thread decodes every active request together, one token per step.
+Requests for a LoRA adapter (`ossgpt serve --adapter`) form their own batch, decoded in the same
+loop with that adapter switched on.
 
 New requests are prefilled (together, when several wait) into a cache of their own which then
 joins the running batch between two decode steps (`Cache.extend`); a finished or cancelled
@@ -47,6 +49,7 @@ class Sequence:
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     error: str | None = None
+    adapter: str | None = None               # a LoRA adapter served beside the base, by name
 
     def __post_init__(self) -> None:
         self.sample = make_sampler(self.sampling)
@@ -68,10 +71,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._wake = threading.Condition()
-        self._active: list[Sequence] = []
-        self._cache = None
-        self._logits: torch.Tensor | None = None   # (B, V): next-token logits of each active row
-        self._positions: torch.Tensor | None = None
+        self._batches: dict[str | None, _Batch] = {}   # by adapter (None: the base model)
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="ossgpt-engine", daemon=True)
         self._thread.start()
@@ -106,9 +106,9 @@ class Engine:
             self.cancel(seq)  # a no-op when it already ended
 
     def stats(self) -> dict:
-        cache = self._cache
-        return {"active": len(self._active), "waiting": len(self._waiting),
-                "cache_bytes": cache.nbytes if cache is not None else 0}
+        batches = list(self._batches.values())
+        return {"active": sum(len(b.active) for b in batches), "waiting": len(self._waiting),
+                "cache_bytes": sum(b.cache.nbytes for b in batches if b.cache is not None)}
 
     def shutdown(self) -> None:
         with self._wake:
@@ -121,42 +121,74 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._stopped and not self._active and not self._waiting:
+                while not self._stopped and not self._batches and not self._waiting:
                     self._wake.wait()
                 if self._stopped:
                     return
-                joining = []
-                while self._waiting and len(self._active) + len(joining) < self.max_batch:
+                joining: list[Sequence] = []
+                room = self.max_batch - sum(len(b.active) for b in self._batches.values())
+                while self._waiting and len(joining) < room:
                     seq = self._waiting.popleft()
                     if seq.cancelled:
                         seq.emit(None)
                     else:
                         joining.append(seq)
                 self.metrics.queue_size.set(len(self._waiting))
+            for adapter in dict.fromkeys([s.adapter for s in joining] + list(self._batches)):
+                batch = self._batches.setdefault(adapter, _Batch(self.model, self.metrics))
+                try:
+                    with torch.inference_mode():
+                        _select_adapter(self.model, adapter)
+                        batch.step([s for s in joining if s.adapter == adapter])
+                except Exception as e:  # never let one bad step kill the server
+                    batch.fail(f"generation failed: {e}")
+                if not batch.active:
+                    del self._batches[adapter]
+            self.metrics.active.set(sum(len(b.active) for b in self._batches.values()))
+
+
+def _select_adapter(model: Transformer, name: str | None) -> None:
+    if getattr(model, "adapters", None):
+        from ..lora import set_adapter
+        set_adapter(model, name)
+
+
+class _Batch:
+    """Active sequences decoded together: their cache, next-token logits and positions."""
+
+    def __init__(self, model: Transformer, metrics: Metrics) -> None:
+        self.model, self.metrics = model, metrics
+        self.active: list[Sequence] = []
+        self.cache = None
+        self.logits: torch.Tensor | None = None   # (B, V): next-token logits of each row
+        self.positions: torch.Tensor | None = None
+
+    def fail(self, message: str) -> None:
+        for seq in self.active:
+            seq.error = message
+            seq.emit(None)
+        self.active, self.cache, self.logits, self.positions = [], None, None, None
+
+    def step(self, joining: list[Sequence]) -> None:
+        if joining:
             try:
-                with torch.inference_mode():
-                    self._step(joining)
-            except Exception as e:  # never let one bad step kill the server
-                for seq in self._active + joining:
+                self._admit(joining)
+            except Exception as e:
+                for seq in joining:
                     seq.error = f"generation failed: {e}"
                     seq.emit(None)
-                self._active, self._cache, self._logits, self._positions = [], None, None, None
-
-    def _step(self, joining: list[Sequence]) -> None:
-        if joining:
-            self._admit(joining)
-        if not self._active:
+        if not self.active:
             return
-        logits = self._logits
-        for i, seq in enumerate(self._active):
+        logits = self.logits
+        for i, seq in enumerate(self.active):
             if seq.constraint is not None and seq.constraint.active:
                 seq.constraint.apply(logits[i])
         logprobs = torch.log_softmax(logits, dim=-1)
-        keep, tokens = [], []
+        keep, tokens, ended = [], [], []
         now = time.perf_counter()
-        for i, seq in enumerate(self._active):
+        for i, seq in enumerate(self.active):
             if seq.cancelled:
-                seq.emit(None)
+                ended.append(seq)
                 continue
             token = int(seq.sample(logprobs[i:i + 1], [seq.generator])[0])
             if seq.constraint is not None:
@@ -176,26 +208,29 @@ class Engine:
                 keep.append(i)
                 tokens.append(token)
             else:
-                seq.emit(None)
+                ended.append(seq)
                 self.metrics.finished(seq, now)
-        self.metrics.generated_tokens.inc(len(self._active))
-        if len(keep) < len(self._active):
+        self.metrics.generated_tokens.inc(len(self.active))
+        if len(keep) < len(self.active):
             index = torch.tensor(keep, dtype=torch.long)
-            self._active = [self._active[i] for i in keep]
-            self._positions = self._positions[index]
-            if self._active:
-                self._cache.select(index.to(self.model.device))
+            self.active = [self.active[i] for i in keep]
+            self.positions = self.positions[index]
+            if self.active:
+                self.cache.select(index.to(self.model.device))
             else:
-                self._cache = None
-        self.metrics.batch_size.observe(len(self._active))
-        self.metrics.active.set(len(self._active))
-        if not self._active:
-            self._logits = None
+                self.cache = None
+        self.metrics.batch_size.observe(len(self.active))
+        if not self.active:
+            self.logits = None
+        # Only now, with their cache rows freed, do the ended requests hear they are done.
+        for seq in ended:
+            seq.emit(None)
+        if not self.active:
             return
         device = self.model.device
-        self._logits = decode_step(self.model, torch.tensor(tokens, device=device),
-                                   self._positions.to(device), self._cache)
-        self._positions = self._positions + 1
+        self.logits = decode_step(self.model, torch.tensor(tokens, device=device),
+                                  self.positions.to(device), self.cache)
+        self.positions = self.positions + 1
 
     def _admit(self, joining: list[Sequence]) -> None:
         for seq in joining:
@@ -204,10 +239,10 @@ class Engine:
         logits = prefill(self.model, [s.prompt for s in joining], cache)
         self.metrics.prompt_tokens.inc(sum(len(s.prompt) for s in joining))
         positions = torch.tensor([len(s.prompt) for s in joining])
-        if self._cache is None:
-            self._cache, self._logits, self._positions = cache, logits, positions
+        if self.cache is None:
+            self.cache, self.logits, self.positions = cache, logits, positions
         else:
-            self._cache.extend(cache)
-            self._logits = torch.cat([self._logits, logits])
-            self._positions = torch.cat([self._positions, positions])
-        self._active.extend(joining)
+            self.cache.extend(cache)
+            self.logits = torch.cat([self.logits, logits])
+            self.positions = torch.cat([self.positions, positions])
+        self.active.extend(joining)

@@ -105,11 +105,11 @@ def make_constraint(tools: dict[str, dict | None], tool_choice, json_schema: dic
 
 def submit(engine: Engine, prompt: list[int], max_tokens: int, sampling: SamplingParams,
            constraint: ReplyConstraint | None = None, top_logprobs: int = 0,
-           stop: frozenset[int] | None = None) -> Sequence:
+           stop: frozenset[int] | None = None, adapter: str | None = None) -> Sequence:
     try:
         return engine.submit(Sequence(prompt, max_tokens, sampling,
                                       frozenset(stop_tokens()) if stop is None else stop,
-                                      top_logprobs, constraint))
+                                      top_logprobs, constraint, adapter=adapter))
     except QueueFull as e:
         raise APIError(503, str(e), code="server_overloaded", type="server_error") from None
 

@@ -128,11 +128,11 @@ def _json_schema(req: ResponsesRequest) -> dict | None:
 
 
 class ResponsesAPI:
-    def __init__(self, engine, model_name: str, limits: Limits) -> None:
-        self.engine, self.model_name, self.limits = engine, model_name, limits
+    def __init__(self, engine, limits: Limits) -> None:
+        self.engine, self.limits = engine, limits
         self.store = Store()
 
-    def prepare(self, req: ResponsesRequest) -> dict:
+    def prepare(self, req: ResponsesRequest, adapter: str | None = None) -> dict:
         history = self.store.get(req.previous_response_id) if req.previous_response_id else []
         messages = history + input_messages(req.input)
         tools, schemas, choice = _tools(req)
@@ -144,7 +144,8 @@ class ResponsesAPI:
         budget = token_budget(prompt, req.max_output_tokens, self.limits, "max_output_tokens")
         constraint = make_constraint(schemas, choice, json_schema)
         seq = submit(self.engine, prompt, budget,
-                     sampling_params(req.temperature, req.top_p, req.seed), constraint)
+                     sampling_params(req.temperature, req.top_p, req.seed), constraint,
+                     adapter=adapter)
         return {"run": ReplyRun(self.engine, seq), "messages": messages, "prompt": prompt,
                 "id": _id("resp"), "created": int(time.time()), "effort": effort,
                 "tool_choice": req.tool_choice or "auto"}
@@ -154,7 +155,7 @@ class ResponsesAPI:
         incomplete = status == "incomplete"
         return {
             "id": p["id"], "object": "response", "created_at": p["created"], "status": status,
-            "model": self.model_name, "output": output, "error": None,
+            "model": req.model, "output": output, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
             "metadata": req.metadata or {}, "parallel_tool_calls": True,
@@ -187,8 +188,8 @@ class ResponsesAPI:
             self.store.put(p["id"], p["messages"] + [turn])
         return self.response(req, p, status, output)
 
-    async def create(self, req: ResponsesRequest) -> dict:
-        p = self.prepare(req)
+    async def create(self, req: ResponsesRequest, adapter: str | None = None) -> dict:
+        p = self.prepare(req, adapter)
         run: ReplyRun = await p["run"].run()
         output = []
         if run.reasoning:
@@ -200,9 +201,9 @@ class ResponsesAPI:
                                      "completed"))
         return self._finish(req, p, output)
 
-    async def stream(self, req: ResponsesRequest):
+    async def stream(self, req: ResponsesRequest, adapter: str | None = None):
         """Event dicts, each with its type and sequence_number."""
-        p = self.prepare(req)
+        p = self.prepare(req, adapter)
         run: ReplyRun = p["run"]
         seq_no = 0
 
