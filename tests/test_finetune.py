@@ -124,3 +124,33 @@ def test_two_gloo_processes_match_one_process(tiny_original, data, tmp_path) -> 
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-3)
+
+
+def test_gradient_checkpointing_and_full_method_give_the_same_gradients(tiny_original, data):
+    import ossgpt
+    from ossgpt.lora import LoraConfig, add_lora
+
+    chats, _ = ft.read_chats(data)
+    batch = ft.make_batch(chats[:3])
+    grads = []
+    for checkpointed in (False, True):
+        model = ossgpt.load(tiny_original, dtype=torch.float32, progress=False)
+        torch.manual_seed(0)
+        params = add_lora(model, LoraConfig(rank=2, targets=("attention", "experts", "router")))
+        if checkpointed:
+            ft.checkpoint_blocks(model)
+        loss = ft.chunked_loss(model, batch, chunk=64)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in params]))
+    (l0, g0), (l1, g1) = grads
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g0, g1))
+    # Full fine-tuning: dense experts equal to the MXFP4 ones, every weight trains.
+    model = ossgpt.load(tiny_original, dtype=torch.float32, progress=False)
+    before = ft.chunked_loss(model, batch).item()
+    ft.unpack_experts(model)
+    model.requires_grad_(True)
+    loss = ft.chunked_loss(model, batch)
+    assert loss.item() == pytest.approx(before, rel=1e-6)
+    loss.backward()
+    assert model.blocks[0].mlp.experts.mlp1_weight.grad.abs().sum() > 0
