@@ -20,6 +20,7 @@ COMMANDS = {
     "eval-nano": commands.eval_nano,
     "serve": commands.serve,
     "finetune": commands.finetune,
+    "bench": commands.bench,
     "merge-adapter": commands.merge_adapter,
 }
 

@@ -356,3 +356,46 @@ def merge_adapter(adapter: str, output: str, model: str = "nano", layout: str = 
     print(f"merged {adapter} into {path} ({layout} layout); MXFP4 re-quantization error "
           f"{report['requantization_error']:.2e} (relative, experts), adapter update "
           f"{report['expert_update_norm']:.2e} of the expert weights")
+
+
+def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
+          batch: str = "1,8", device: str = "cpu", dtype: str = "bfloat16",
+          json_out: str | None = None) -> None:
+    """Measure a checkpoint here: load time, prefill tokens/s, time to first token, decode
+    tokens/s per batch size, peak memory. Prints a table (and JSON with --json-out).
+
+    model: checkpoint directory, hub id, or "nano"
+    prompt_tokens: prompt length for prefill and time to first token
+    decode_steps: decode steps timed per batch size
+    batch: comma-separated decode batch sizes
+    device: cpu, cuda, ...
+    dtype: bfloat16, float32 or float16
+    json_out: also write the figures as JSON to this file"""
+    import json
+
+    import torch
+
+    from . import bench as b
+    from .checkpoint import resolve
+
+    if dtype not in DTYPES:
+        raise OssgptError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        batches = tuple(int(x) for x in batch.split(",") if x.strip())
+    except ValueError:
+        raise OssgptError(f"--batch wants comma-separated integers, got {batch!r}") from None
+    if prompt_tokens < 1 or decode_steps < 1 or not batches or min(batches) < 1:
+        raise OssgptError("--prompt-tokens, --decode-steps and --batch sizes must be >= 1")
+    resolve(model)  # a bad --model is the user's error, before any timing
+    r = b.run(model, prompt_tokens, decode_steps, batches, device, getattr(torch, dtype))
+    rows = [("load", f"{r.load_s:.2f} s"),
+            (f"prefill ({r.prompt_tokens} tokens)", f"{r.prefill_tok_s:.1f} tok/s"),
+            ("time to first token", f"{r.ttft_s * 1000:.0f} ms")]
+    rows += [(f"decode, batch {k}", f"{v:.1f} tok/s") for k, v in r.decode_tok_s.items()]
+    rows += [("peak RSS", f"{r.peak_rss_gib:.2f} GiB")]
+    print(f"{r.model} on {r.device}, {r.dtype}, {r.threads} threads")
+    for name, value in rows:
+        print(f"  {name:<28}{value:>16}")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(r.to_dict(), f, indent=2)

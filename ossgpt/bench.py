@@ -1,0 +1,89 @@
+"""`ossgpt bench`: load time, prefill and decode speed, time to first token and peak memory of
+any checkpoint, measured here and now (no comparison with other engines: see benchmarks/)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .generate import decode_step, prefill
+from .model import Transformer
+
+
+@dataclass
+class BenchResult:
+    model: str
+    device: str
+    dtype: str
+    threads: int
+    load_s: float
+    prompt_tokens: int
+    prefill_tok_s: float
+    ttft_s: float
+    decode_tok_s: dict[int, float]     # batch size -> aggregate tokens/s
+    peak_rss_gib: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["decode_tok_s"] = {str(k): v for k, v in self.decode_tok_s.items()}
+        return d
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def decode_speed(model: Transformer, batch: int, context: int, steps: int, seed: int = 0) -> float:
+    """Aggregate tokens/s of `steps` greedy decode steps for `batch` rows after `context`-token
+    prompts (the prefill is not timed)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, 199_998, (batch, context), generator=g).tolist()
+    cache = model.make_cache()
+    logits = prefill(model, prompts, cache)
+    positions = torch.full((batch,), context, device=model.device)
+    tokens = logits.argmax(-1)
+    logits = decode_step(model, tokens, positions, cache)          # warm-up step
+    _sync(model.device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        tokens = logits.argmax(-1)
+        logits = decode_step(model, tokens, positions + 1 + i, cache)
+    _sync(model.device)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def run(ref: str, prompt_tokens: int = 512, decode_steps: int = 32, batches: tuple[int, ...] = (1, 8),
+        device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> BenchResult:
+    from .checkpoint import load
+
+    t0 = time.perf_counter()
+    model = load(ref, device=device, dtype=dtype, progress=False)
+    load_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 199_998, (prompt_tokens,), generator=g).tolist()
+    prefill(model, [prompt[:16]], model.make_cache())              # warm-up
+    _sync(model.device)
+    t0 = time.perf_counter()
+    cache = model.make_cache()
+    logits = prefill(model, [prompt], cache)
+    _sync(model.device)
+    prefill_s = time.perf_counter() - t0
+    token = logits.argmax(-1)                                      # the first token
+    ttft = time.perf_counter() - t0
+    del cache, token
+    decode = {b: decode_speed(model, b, min(prompt_tokens, 128), decode_steps, seed)
+              for b in batches}
+    return BenchResult(str(ref), str(model.device), str(dtype).removeprefix("torch."),
+                       torch.get_num_threads(), round(load_s, 3), prompt_tokens,
+                       round(prompt_tokens / prefill_s, 2), round(ttft, 4),
+                       {b: round(v, 2) for b, v in decode.items()}, round(_peak_rss_gib(), 3))
