@@ -2,7 +2,7 @@
 fact table with held-out phrasings), and measure held-out accuracy before and after, plus the
 old families' accuracy, on this machine. Writes benchmarks/results/finetune_nano.json.
 
-    python benchmarks/finetune_nano.py [--steps 150] [--n-eval 100]
+    python benchmarks/finetune_nano.py [--steps 120] [--n-eval 60]
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ def accuracy(model, n_eval: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--n-new", type=int, default=1500)
-    ap.add_argument("--n-replay", type=int, default=1500)
-    ap.add_argument("--n-eval", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--batch-tokens", type=int, default=2048)
+    ap.add_argument("--n-new", type=int, default=2000)
+    ap.add_argument("--n-replay", type=int, default=1000)
+    ap.add_argument("--n-eval", type=int, default=60)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--work", default="checkpoints/finetune-nano")
@@ -65,6 +66,7 @@ def main() -> None:
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "ossgpt", "finetune", "--data", str(data),
                     "--output", str(work / "run"), "--steps", str(args.steps),
+                    "--batch-tokens", str(args.batch_tokens),
                     "--lora-rank", str(args.rank), "--lr", str(args.lr), "--val-split", "0.02"],
                    check=True)
     seconds = time.time() - t0
@@ -72,7 +74,8 @@ def main() -> None:
     load_adapter(tuned, work / "run" / "adapter")
     after = accuracy(tuned, args.n_eval)
     print("after:", after, flush=True)
-    result = {"steps": args.steps, "rank": args.rank, "lr": args.lr,
+    result = {"steps": args.steps, "batch_tokens": args.batch_tokens, "rank": args.rank,
+              "lr": args.lr,
               "train_lines": args.n_new + args.n_replay, "finetune_seconds": round(seconds, 1),
               "threads": torch.get_num_threads(), "before": before, "after": after,
               "run_metrics": json.loads((work / "run" / "metrics.json").read_text())}

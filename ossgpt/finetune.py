@@ -204,6 +204,13 @@ def checkpoint_blocks(model: Transformer) -> None:
 
 # -- evaluation ----------------------------------------------------------------------------------
 
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def answer_accuracy(model: Transformer, chats: list[Chat], max_tokens: int = 256,
                     batch_size: int = 16) -> float:
     """Task metric: greedy replies whose final answer (or tool call) equals the reference's."""
@@ -224,14 +231,10 @@ def answer_accuracy(model: Transformer, chats: list[Chat], max_tokens: int = 256
             reply = parse_reply(tokens)
             start, end = trained_turns(c.example.messages)[0]
             want = c.example.messages[start:end][-1]
-            calls = [(x["function"]["name"], json.loads(x["function"]["arguments"]))
+            calls = [(x["function"]["name"], _json_or_text(x["function"]["arguments"]))
                      for x in want.get("tool_calls") or []]
             if calls:
-                try:
-                    got = [(x.name, json.loads(x.arguments)) for x in reply.tool_calls]
-                except ValueError:
-                    got = []
-                right += got == calls
+                right += [(x.name, _json_or_text(x.arguments)) for x in reply.tool_calls] == calls
             else:
                 right += reply.content.strip() == (want.get("content") or "").strip()
     model.train()

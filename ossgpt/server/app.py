@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -89,6 +90,7 @@ def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
     context = model.config.initial_context_length * (model.config.rope_scaling_factor or 1)
     limits = Limits(min(max_model_len or context, context))
     responses = ResponsesAPI(engine, limits)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -109,7 +111,7 @@ def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
         try:
             if api_key and path != "/health":
                 auth = request.headers.get("authorization", "")
-                if auth != f"Bearer {api_key}":
+                if not hmac.compare_digest(auth.encode(), f"Bearer {api_key}".encode()):
                     status = 401
                     return _error(401, "Invalid or missing API key (Authorization: Bearer KEY).",
                                   code="invalid_api_key")
