@@ -84,7 +84,19 @@ class LoRALinear(nn.Module):
         return self.base(x) + (update * self.scale).to(x.dtype)
 
 
-class LoRAExperts(nn.Module):
+class _ExpertsWrapper(nn.Module):
+    """Experts over a frozen `base` Experts: MoE reads the biases through it."""
+
+    @property
+    def mlp1_bias(self) -> torch.Tensor:
+        return self.base.mlp1_bias
+
+    @property
+    def mlp2_bias(self) -> torch.Tensor:
+        return self.base.mlp2_bias
+
+
+class LoRAExperts(_ExpertsWrapper):
     """Experts whose weights(e) add expert e's low-rank update to the (packed, frozen) base."""
 
     def __init__(self, base: Experts, rank: int, scale: float) -> None:
@@ -98,14 +110,6 @@ class LoRAExperts(nn.Module):
         self.mlp2_B = nn.Parameter(torch.zeros(E, C, rank))
         _init_a(self.mlp1_A)
         _init_a(self.mlp2_A)
-
-    @property
-    def mlp1_bias(self) -> torch.Tensor:
-        return self.base.mlp1_bias
-
-    @property
-    def mlp2_bias(self) -> torch.Tensor:
-        return self.base.mlp2_bias
 
     def deltas(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.mlp1_B[e] @ self.mlp1_A[e] * self.scale,
@@ -312,7 +316,7 @@ class _SwitchLinear(nn.Module):
         return y
 
 
-class _SwitchExperts(nn.Module):
+class _SwitchExperts(_ExpertsWrapper):
     """Packed experts with several named adapters; `active` picks one (None: the base)."""
 
     def __init__(self, base: Experts) -> None:
@@ -323,14 +327,6 @@ class _SwitchExperts(nn.Module):
     def add(self, name: str, lora: LoRAExperts) -> None:
         self.factors[name] = tuple(t.detach() for t in (
             lora.mlp1_A, lora.mlp1_B * lora.scale, lora.mlp2_A, lora.mlp2_B * lora.scale))
-
-    @property
-    def mlp1_bias(self) -> torch.Tensor:
-        return self.base.mlp1_bias
-
-    @property
-    def mlp2_bias(self) -> torch.Tensor:
-        return self.base.mlp2_bias
 
     def weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         w1, w2 = self.base.weights(e, dtype)
