@@ -13,14 +13,9 @@ benchmarks/results/serve_batching.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,41 +25,9 @@ try:  # the openai package's HTTP client
 except ImportError:  # pragma: no cover
     import httpx
 
+from ossgpt.server.subprocess import served
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@contextlib.contextmanager
-def serve(args: list[str], timeout: float = 300.0):
-    """`python -m ossgpt serve` on a free port; yields the base URL; stops it afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "ossgpt", "serve", "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise SystemExit(f"server exited with {proc.returncode}:\n{log.read().decode()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise SystemExit("server did not come up")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def request_body(model: str, i: int, max_tokens: int) -> dict:
@@ -137,10 +100,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve_batching.json")
     args = ap.parse_args()
 
-    served = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
+    server_args = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
               "--max-batch", str(max(args.requests, 1)), "--max-model-len", "4096"]
     load_before = os.getloadavg()
-    with serve(served) as url:
+    with served(*server_args, timeout=300) as url:
         name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
         bodies = [request_body(name, i, args.max_tokens) for i in range(args.requests)]
         with httpx.Client(base_url=url, timeout=600) as c:   # warm-up

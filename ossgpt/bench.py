@@ -41,12 +41,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def random_prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`batch` seeded random prompts of `length` ordinary (non-special) token ids; the same ids
+    for the same arguments, so other engines can be timed on exactly these prompts."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 199_998, (batch, length), generator=g).tolist()
+
+
 @torch.inference_mode()
 def decode_speed(model: Transformer, batch: int, context: int, steps: int, seed: int = 0) -> float:
     """Aggregate tokens/s of `steps` greedy decode steps for `batch` rows after `context`-token
     prompts (the prefill is not timed)."""
-    g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(0, 199_998, (batch, context), generator=g).tolist()
+    prompts = random_prompts(batch, context, seed)
     cache = model.make_cache()
     logits = prefill(model, prompts, cache)
     positions = torch.full((batch,), context, device=model.device)
@@ -61,6 +67,14 @@ def decode_speed(model: Transformer, batch: int, context: int, steps: int, seed:
     return batch * steps / (time.perf_counter() - t0)
 
 
+def _touch(model: Transformer) -> None:
+    """Read a byte of every page of the weights. Loading maps the checkpoint lazily; without
+    this its reads from disk would land in the first prefill instead of the load time."""
+    for t in model.state_dict().values():
+        if t.device.type == "cpu" and t.numel():
+            t.reshape(-1).view(torch.uint8)[::4096].sum()
+
+
 @torch.inference_mode()
 def run(ref: str, prompt_tokens: int = 512, decode_steps: int = 32, batches: tuple[int, ...] = (1, 8),
         device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> BenchResult:
@@ -68,9 +82,9 @@ def run(ref: str, prompt_tokens: int = 512, decode_steps: int = 32, batches: tup
 
     t0 = time.perf_counter()
     model = load(ref, device=device, dtype=dtype, progress=False)
+    _touch(model)
     load_s = time.perf_counter() - t0
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, 199_998, (prompt_tokens,), generator=g).tolist()
+    prompt = random_prompts(1, prompt_tokens, seed)[0]
     prefill(model, [prompt[:16]], model.make_cache())              # warm-up
     _sync(model.device)
     t0 = time.perf_counter()

@@ -23,10 +23,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import Example, prompt_tokens, render_example
 from .errors import OssgptError
+from .harmony import REASONING_KEYS
 from .model import Experts, Transformer
 from .train.trainer import Batch, TrainConfig, Trainer
-
-_REASONING_KEYS = ("reasoning", "reasoning_content", "thinking")
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -48,8 +47,8 @@ def _example(record: object) -> Example:
             raise ValueError(f"messages[{i}] must be an object with a role")
         m = dict(m)
         if m["role"] == "assistant":
-            reasoning = next((m.pop(k) for k in _REASONING_KEYS if m.get(k)), None)
-            for k in _REASONING_KEYS:
+            reasoning = next((m.pop(k) for k in REASONING_KEYS if m.get(k)), None)
+            for k in REASONING_KEYS:
                 m.pop(k, None)
             if reasoning:
                 m["reasoning"] = reasoning

@@ -23,7 +23,8 @@ from .tokenizer import CALL, END, MESSAGE, RETURN, START, IncrementalDecoder, To
 from .tokenizer import harmony_encoding
 
 _EFFORTS = {e.value.lower(): e for e in ReasoningEffort}
-_REASONING_KEYS = ("reasoning", "reasoning_content", "thinking")
+# Where OpenAI-style messages carry the reasoning, by client (vLLM, DeepSeek, Anthropic-style).
+REASONING_KEYS = ("reasoning", "reasoning_content", "thinking")
 _TERMINATORS = frozenset((END, RETURN, CALL))
 _SPECIAL_TEXT = re.compile(
     r"<\|(?:start|end|message|channel|constrain|return|call|endoftext|startoftext|reserved_\d+)\|>")
@@ -126,7 +127,7 @@ def build_conversation(messages: Sequence[dict], *, reasoning_effort: str = "med
 
 def _assistant_messages(msg: dict, call_names: dict[str, str]) -> list[Message]:
     out = []
-    reasoning = next((msg[k] for k in _REASONING_KEYS if msg.get(k)), None)
+    reasoning = next((msg[k] for k in REASONING_KEYS if msg.get(k)), None)
     if reasoning:
         out.append(_assistant(_text(reasoning), "analysis"))
     content = _text(msg.get("content"))

@@ -9,20 +9,14 @@ before changing anything in it. `tiny_config` is shared too: derive variants wit
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from ossgpt import ModelConfig
 from ossgpt.checkpoint import write_random
+from ossgpt.server.subprocess import served
 
 TINY_SEED = 0
 
@@ -68,38 +62,10 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, tiny_original: Path, tin
 
 # -- a real server on a loopback port ------------------------------------------------------------
 
-@contextlib.contextmanager
 def run_server(*args: str, timeout: float = 120.0):
-    """Start `ossgpt serve` (nano unless --model is given) on a free loopback port in a
-    subprocess; yield its base URL (http://127.0.0.1:PORT); stop it afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "ossgpt", "serve", "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read().decode()}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    """`ossgpt serve ARGS` (nano unless --model is given) on a free loopback port in a
+    subprocess: a context manager yielding its base URL."""
+    return served(*args, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -357,11 +357,12 @@ def test_dense_experts_round_trip(tiny_original, tmp_path, fmt):
     packed = load32(tiny_original)
     dense = dense_copy(packed)
     want = logits(packed)
-    assert torch.equal(logits(dense), want)
+    # packed experts run the fused kernel (its own sum order), dense ones the plain path
+    torch.testing.assert_close(logits(dense), want, rtol=1e-5, atol=1e-5)
     out = save(dense, tmp_path / "dense", fmt, progress=False)
     again = load32(out)
     assert not again.blocks[0].mlp.experts.packed
-    assert torch.equal(logits(again), want)
+    assert torch.equal(logits(again), logits(dense))
     if fmt == "hf":
         assert "quantization_config" not in json.loads((out / "config.json").read_text())
         import transformers

@@ -22,6 +22,7 @@ from ..config import ModelConfig
 from ..model import Transformer
 from . import formats
 from .formats import ORIGINAL
+from .hf_tokenizer import write_hf_tokenizer
 
 _DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16",
                 torch.uint8: "U8", torch.int64: "I64"}
@@ -137,6 +138,7 @@ def write_checkpoint(directory: str | os.PathLike, config: ModelConfig, get: Cal
         _write_json(directory / "generation_config.json",
                     {"bos_token_id": 199998, "eos_token_id": [200002, 199999, 200012],
                      "pad_token_id": 199999, "do_sample": True})
+        write_hf_tokenizer(directory)    # real HF repositories ship one; converters need it
         config_dict = config.to_hf_dict()
         if not packed:
             del config_dict["quantization_config"]

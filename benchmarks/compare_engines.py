@@ -1,0 +1,380 @@
+"""Compare ossgpt with transformers and llama.cpp on one checkpoint, on this machine (CPU).
+
+    python benchmarks/compare_engines.py --config 20b --layers 4          # random 4-layer 20b
+    python benchmarks/compare_engines.py --checkpoint DIR --engines ossgpt,llama.cpp
+
+Every engine runs in its own subprocess (so peak RSS is per engine and memory is freed in
+between) on the same token ids: a random prompt of --prompt-tokens for load time, prefill
+tokens/s and time to first token, then --decode-steps greedy steps after 128-token prompts per
+batch size (as `ossgpt bench`, ossgpt/bench.py, which the ossgpt row uses as it is).
+
+- transformers: GptOssForCausalLM in bf16 with the MXFP4 experts dequantized at load (what it
+  does on CPU anyway), run only when its bf16 size fits in the available memory.
+- llama.cpp: the PyPI package llama-cpp-python, built from source on this machine:
+      CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install llama-cpp-python
+  The checkpoint is converted to GGUF (experts kept MXFP4, the rest bf16) with
+  convert_hf_to_gguf.py from the sdist of the installed version, which this script fetches with
+  `pip download` into the cache folder ($OSSGPT_BENCH_CACHE, default ~/.cache/ossgpt-bench).
+  Weights are read into memory (use_mmap=False) so its load time counts as the others' do.
+
+Decode is memory-bound: the table also gives batch-1 decode as a fraction of the limit set by
+this machine's read bandwidth (a torch sum over 1 GiB, best of 5) and the bytes each decoded
+token must read (decode_bytes_per_token). Results go to benchmarks/results/compare_<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+if TYPE_CHECKING:     # importing ossgpt imports torch: the llama.cpp worker stays without it
+    from ossgpt.config import ModelConfig
+
+CACHE = Path(os.environ.get("OSSGPT_BENCH_CACHE", Path.home() / ".cache" / "ossgpt-bench"))
+ENGINES = ("ossgpt", "transformers", "llama.cpp")
+DECODE_CONTEXT = 128
+RESULT_TAG = "@@result "
+LLAMA_INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install llama-cpp-python'
+
+
+# -- checkpoint, GGUF, bandwidth (parent process) -------------------------------------------------
+
+def prepare_checkpoint(args: argparse.Namespace) -> Path:
+    """The HF layout checkpoint to compare on: --checkpoint, or a random one made once."""
+    if args.checkpoint:
+        return Path(args.checkpoint).resolve()
+    out = CACHE / "checkpoints" / f"{args.config}-L{args.layers}-hf"
+    if not (out / "config.json").is_file():           # config.json is written last
+        print(f"writing a random {args.config} checkpoint with {args.layers} layers to {out}", flush=True)
+        subprocess.run([sys.executable, "-m", "ossgpt", "make-random", "--output", str(out), "--config",
+                        args.config, "--layers", str(args.layers), "--layout", "hf"], cwd=ROOT, check=True)
+    return out
+
+
+def converter_script(version: str) -> Path:
+    """convert_hf_to_gguf.py of llama-cpp-python `version`'s llama.cpp, fetched once from PyPI."""
+    top = CACHE / f"llama_cpp_python-{version}"
+    script = top / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        sdist = CACHE / "sdist" / f"llama_cpp_python-{version}.tar.gz"
+        if not sdist.is_file():
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                            f"llama-cpp-python=={version}", "-d", str(sdist.parent)], check=True)
+        keep = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/",
+                "vendor/llama.cpp/gguf-py/")
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if m.name.partition("/")[2].startswith(keep)]
+            tar.extractall(CACHE, members=members, filter="data")
+    return script
+
+
+def convert_to_gguf(checkpoint: Path) -> Path:
+    """A cached GGUF of `checkpoint`: MXFP4 experts as they are, everything else bf16."""
+    import llama_cpp   # the converter must match the llama.cpp that will read the file
+
+    stamp = int((checkpoint / "config.json").stat().st_mtime)
+    out = CACHE / "gguf" / f"{checkpoint.name}-{stamp}-llama.cpp-{llama_cpp.__version__}-bf16.gguf"
+    if out.is_file():
+        return out
+    source = checkpoint
+    if not (checkpoint / "tokenizer.json").is_file():  # made before make-random wrote one
+        from ossgpt.checkpoint.hf_tokenizer import write_hf_tokenizer
+        source = CACHE / "gguf" / f"{checkpoint.name}-with-tokenizer"
+        source.mkdir(parents=True, exist_ok=True)
+        for f in checkpoint.iterdir():
+            if not (source / f.name).exists():
+                (source / f.name).symlink_to(f)
+        write_hf_tokenizer(source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    print(f"converting {checkpoint} to GGUF", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(converter_script(llama_cpp.__version__)), str(source),
+                           "--outtype", "bf16", "--outfile", str(tmp)], capture_output=True, text=True)
+    if proc.returncode:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise subprocess.CalledProcessError(proc.returncode, "convert_hf_to_gguf.py")
+    os.replace(tmp, out)
+    print(f"  {out.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def memory_bandwidth_gbs(threads: int, repeats: int = 5) -> float:
+    """Read bandwidth with all threads: best time of a float32 sum over 1 GiB, in GB/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(2**28)
+    best = float("inf")
+    for _ in range(repeats + 1):          # the first pass also touches the pages
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def decode_bytes_per_token(c: ModelConfig, expert_bytes_per_weight: float, context: int) -> float:
+    """Bytes one batch-1 decode step must read: every layer's attention (bf16 weights, biases,
+    sinks), KV cache, router, norms and its top-k experts (weights at `expert_bytes_per_weight`,
+    bf16 biases), then the final norm and the bf16 unembedding; plus one embedding row."""
+    C, I, D, k = c.hidden_size, c.intermediate_size, c.head_dim, c.experts_per_token
+    q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
+    attention = 2 * (C * q + 2 * C * kv + q * C + q + 2 * kv + C + c.num_attention_heads)
+    router = 2 * (c.num_experts * C + c.num_experts)
+    experts = k * (3 * I * C * expert_bytes_per_weight + 2 * (2 * I + C))
+    norms = 2 * 2 * C
+    total = 0.0
+    for kind in c.layer_types:
+        cached = min(context, c.sliding_window) if kind == "sliding_attention" else context
+        total += attention + router + experts + norms + 2 * 2 * kv * cached
+    return total + 2 * C + 2 * c.vocab_size * C + 2 * C
+
+
+def bf16_model_bytes(c: ModelConfig) -> int:
+    """Size of the whole model with bf16 (dequantized) experts."""
+    C, I, D = c.hidden_size, c.intermediate_size, c.head_dim
+    q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
+    layer = (2 * C * q + 2 * C * kv + q + 2 * kv + C + c.num_attention_heads + 2 * C
+             + c.num_experts * (C + 1 + 3 * I * C + 2 * I + C))
+    return 2 * (c.num_hidden_layers * layer + 2 * c.vocab_size * C + C)
+
+
+# -- the engines (each in its own worker process) ------------------------------------------------
+
+def bench_ossgpt(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from ossgpt import bench
+
+    torch.set_num_threads(job["threads"])
+    r = bench.run(job["checkpoint"], len(job["prompt"]), job["decode_steps"], tuple(job["batches"]),
+                  dtype=torch.bfloat16, seed=job["seed"])
+    return r.to_dict()
+
+
+def bench_transformers(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    from ossgpt.config import ModelConfig
+
+    need = bf16_model_bytes(ModelConfig.from_file(Path(job["checkpoint"]) / "config.json")) + 2**30
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/meminfo") as f:          # MemAvailable counts reclaimable page cache too
+        available = max(available, next(int(line.split()[1]) * 1024 for line in f
+                                        if line.startswith("MemAvailable")))
+    if need > 0.9 * available:
+        return {"skipped": f"bf16 model needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"}
+    torch.set_num_threads(job["threads"])
+    t0 = time.perf_counter()
+    model = GptOssForCausalLM.from_pretrained(job["checkpoint"], dtype=torch.bfloat16, device_map="cpu",
+                                              quantization_config=Mxfp4Config(dequantize=True))
+    load_s = time.perf_counter() - t0
+    model.eval()
+
+    @torch.inference_mode()
+    def forward(ids: list[list[int]], cache: Any = None) -> Any:
+        return model(torch.tensor(ids), past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    forward([job["prompt"][:16]])                                     # warm-up
+    t0 = time.perf_counter()
+    out = forward([job["prompt"]])
+    prefill_s = time.perf_counter() - t0
+    out.logits[:, -1].argmax(-1)
+    ttft = time.perf_counter() - t0
+    decode = {}
+    for b in job["batches"]:
+        out = forward(job["decode_prompts"][str(b)])
+        out = forward(out.logits[:, -1].argmax(-1, keepdim=True).tolist(), out.past_key_values)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(job["decode_steps"]):
+            out = forward(out.logits[:, -1].argmax(-1, keepdim=True).tolist(), out.past_key_values)
+        decode[str(b)] = round(b * job["decode_steps"] / (time.perf_counter() - t0), 2)
+    return {"load_s": round(load_s, 3), "prefill_tok_s": round(len(job["prompt"]) / prefill_s, 2),
+            "ttft_s": round(ttft, 4), "decode_tok_s": decode, "dtype": "bfloat16 (experts dequantized)", "threads": torch.get_num_threads()}
+
+
+def bench_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
+    import llama_cpp
+    import numpy as np
+
+    threads, steps = job["threads"], job["decode_steps"]
+    n_ctx = -(-(max(len(job["prompt"]), DECODE_CONTEXT) + steps + 2) // 256) * 256
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(job["gguf"], n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                          n_batch=512, n_ubatch=512, flash_attn=True, use_mmap=False, verbose=False)
+    load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(n_vocab,))))
+
+    llm.eval(job["prompt"][:16])                                       # warm-up
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(job["prompt"])
+    prefill_s = time.perf_counter() - t0
+    next_token()
+    ttft = time.perf_counter() - t0
+    llm.reset()
+    llm.eval(job["decode_prompts"]["1"][0])
+    llm.eval([next_token()])                                           # warm-up step
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        llm.eval([next_token()])
+    decode_s = time.perf_counter() - t0
+    return {"load_s": round(load_s, 3), "prefill_tok_s": round(len(job["prompt"]) / prefill_s, 2),
+            "ttft_s": round(ttft, 4), "decode_tok_s": {"1": round(steps / decode_s, 2)}, "version": llama_cpp.__version__,
+            "dtype": "MXFP4 experts, bf16 rest (GGUF)", "threads": threads,
+            "note": "batch > 1 not measured: llama_cpp.Llama decodes one sequence"}
+
+
+WORKERS = {"ossgpt": bench_ossgpt, "transformers": bench_transformers, "llama.cpp": bench_llama_cpp}
+def peak_rss_gib() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over fork and exec, so a
+    worker would report at least its parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
+
+
+EXPERT_BYTES = {"ossgpt": 17 / 32, "transformers": 2.0, "llama.cpp": 17 / 32}   # per expert weight
+
+
+def run_worker(engine: str, job: dict[str, Any]) -> dict[str, Any]:
+    """Run one engine in a fresh Python process; its last stdout line is the result."""
+    print(f"[{engine}] running", flush=True)
+    proc = subprocess.run([sys.executable, __file__, "--worker", engine], input=json.dumps(job),
+                          capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        print(f"[{engine}] failed (exit {proc.returncode}):\n{tail}", flush=True)
+        return {"skipped": f"failed (exit {proc.returncode}): {tail.splitlines()[-1] if tail else ''}"}
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    head = f"{'engine':<13}{'load s':>8}{'prefill tok/s':>15}{'TTFT s':>9}{'decode b1':>11}" \
+           f"{'decode b8':>11}{'peak RSS GiB':>14}{'b1 % of BW limit':>18}"
+    print(head + "\n" + "-" * len(head))
+    for name, r in results.items():
+        if "skipped" in r:
+            print(f"{name:<13}skipped: {r['skipped']}")
+            continue
+        d = r["decode_tok_s"]
+        cell = lambda b: f"{d[b]:>11.2f}" if b in d else f"{'n/a':>11}"  # noqa: E731
+        print(f"{name:<13}{r['load_s']:>8.2f}{r['prefill_tok_s']:>15.1f}{r['ttft_s']:>9.3f}{cell('1')}"
+              f"{cell('8')}{r['peak_rss_gib']:>14.2f}{100 * r.get('b1_fraction_of_bw_limit', 0):>17.1f}%")
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """ossgpt / other for each figure (speeds: > 1 means ossgpt is faster; times: < 1)."""
+    ours, out = results.get("ossgpt", {}), {}
+    for name, r in results.items():
+        if name == "ossgpt" or "skipped" in r or "skipped" in ours or not ours:
+            continue
+        rr = {k: ours[k] / r[k] for k in ("load_s", "prefill_tok_s", "ttft_s")}
+        rr.update({f"decode_b{b}": ours["decode_tok_s"][b] / v for b, v in r["decode_tok_s"].items()
+                   if b in ours["decode_tok_s"]})
+        out[f"ossgpt/{name}"] = {k: round(v, 3) for k, v in rr.items()}
+    return out
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="an HF layout checkpoint (default: a random --config/--layers one)")
+    p.add_argument("--config", default="20b", help="20b, 120b or tiny, for the random checkpoint")
+    p.add_argument("--layers", type=int, default=4, help="layers of the random checkpoint")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated: " + ", ".join(ENGINES))
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--name", help="results file name part (default: the checkpoint folder's name)")
+    p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        result = WORKERS[args.worker](json.loads(sys.stdin.read()))
+        if "skipped" not in result:
+            result["peak_rss_gib"] = round(peak_rss_gib(), 3)
+        print(RESULT_TAG + json.dumps(result), flush=True)
+        return
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if unknown := set(engines) - set(ENGINES):
+        p.error(f"unknown engines {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+
+    from ossgpt.bench import random_prompts
+    from ossgpt.config import ModelConfig
+
+    checkpoint = prepare_checkpoint(args)
+    config = ModelConfig.from_file(checkpoint / "config.json")
+    load_avg = os.getloadavg()
+    bandwidth = memory_bandwidth_gbs(args.threads)
+    print(f"memory read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads); "
+          f"load average before: {load_avg[0]:.2f}", flush=True)
+    batches = [1, 8]
+    job = {"checkpoint": str(checkpoint), "threads": args.threads, "seed": 0, "batches": batches,
+           "decode_steps": args.decode_steps, "prompt": random_prompts(1, args.prompt_tokens, 0)[0],
+           "decode_prompts": {str(b): random_prompts(b, min(args.prompt_tokens, DECODE_CONTEXT), 0)
+                              for b in batches}}
+    results: dict[str, dict[str, Any]] = {}
+    for engine in engines:
+        if engine == "llama.cpp":
+            try:
+                job["gguf"] = str(convert_to_gguf(checkpoint))
+            except ImportError:
+                results[engine] = {"skipped": f"llama-cpp-python is not installed: {LLAMA_INSTALL}"}
+            except subprocess.CalledProcessError as e:
+                results[engine] = {"skipped": f"GGUF conversion failed: {e}"}
+            if "skipped" in results.get(engine, {}):
+                print(f"[llama.cpp] skipped: {results[engine]['skipped']}", flush=True)
+                continue
+        results[engine] = r = run_worker(engine, job)
+        if "skipped" in r:
+            print(f"[{engine}] skipped: {r['skipped']}", flush=True)
+            continue
+        per_token = decode_bytes_per_token(config, EXPERT_BYTES[engine], min(args.prompt_tokens, DECODE_CONTEXT))
+        r["decode_bytes_per_token"] = round(per_token)
+        r["bw_limit_tok_s"] = round(bandwidth * 1e9 / per_token, 2)
+        r["b1_fraction_of_bw_limit"] = round(r["decode_tok_s"]["1"] / r["bw_limit_tok_s"], 4)
+        print(f"[{engine}] {json.dumps(r)}", flush=True)
+
+    print(f"\n{checkpoint.name}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_experts} experts; prompt {args.prompt_tokens} tokens, {args.decode_steps} decode "
+          f"steps after {min(args.prompt_tokens, DECODE_CONTEXT)}-token prompts; {args.threads} threads; "
+          f"bandwidth {bandwidth:.1f} GB/s\n")
+    print_table(results)
+    rat = ratios(results)
+    for name, rr in rat.items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in rr.items()))
+    out = ROOT / "benchmarks" / "results" / f"compare_{args.name or checkpoint.name}.json"
+    write_json(out, {
+        "checkpoint": str(checkpoint), "config": config.to_dict(), "prompt_tokens": args.prompt_tokens,
+        "decode_steps": args.decode_steps, "decode_context": min(args.prompt_tokens, DECODE_CONTEXT),
+        "threads": args.threads, "cpu_count": os.cpu_count(), "load_average_before": load_avg,
+        "memory_bandwidth_gbs": round(bandwidth, 2), "note": args.note,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results, "ratios": rat})
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Where batch-1 decode time goes: milliseconds per token in attention, the mixture of experts and
+the unembedding, each with the bytes it must read and the read speed that implies (compare with
+the machine's bandwidth that benchmarks/compare_engines.py measures).
+
+    python benchmarks/decode_profile.py --model DIR [--steps 16] [--context 128] [--plain]
+
+--plain runs the plain PyTorch path (model.USE_KERNELS = False) instead of the fast kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+
+import ossgpt
+from ossgpt import model as model_module
+from ossgpt.bench import random_prompts
+from ossgpt.generate import decode_step, prefill
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bytes_per_token(net) -> dict[str, int]:
+    """Weight bytes one decoded token reads per part (k routed experts per layer)."""
+    cfg = net.config
+    attn = sum(_nbytes(*b.attn.parameters()) for b in net.blocks)
+    experts = 0
+    for b in net.blocks:
+        e = b.mlp.experts
+        packed = (e.mlp1_blocks, e.mlp1_scales, e.mlp2_blocks, e.mlp2_scales) if e.packed \
+            else (e.mlp1_weight, e.mlp2_weight)
+        experts += _nbytes(*packed) * cfg.experts_per_token // cfg.num_experts
+        experts += _nbytes(b.mlp.router.weight, b.mlp.norm.weight)
+    return {"attention": attn, "experts": experts, "unembedding": _nbytes(net.unembedding.weight)}
+
+
+@torch.inference_mode()
+def profile(net, steps: int, context: int) -> dict[str, float]:
+    """Seconds per decoded token in each part, timed by forward hooks."""
+    totals: dict[str, float] = defaultdict(float)
+    started: dict[str, float] = {}
+
+    def timed(module: torch.nn.Module, part: str) -> None:
+        module.register_forward_pre_hook(lambda *_: started.__setitem__(part, time.perf_counter()))
+        module.register_forward_hook(
+            lambda *_: totals.__setitem__(part, totals[part] + time.perf_counter() - started[part]))
+
+    for b in net.blocks:
+        timed(b.attn, "attention")
+        timed(b.mlp, "experts")
+    timed(net.unembedding, "unembedding")
+    cache = net.make_cache()
+    logits = prefill(net, random_prompts(1, context), cache)
+    logits = decode_step(net, logits.argmax(-1), torch.tensor([context]), cache)   # warm-up
+    totals.clear()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        logits = decode_step(net, logits.argmax(-1), torch.tensor([context + 1 + i]), cache)
+    totals["total"] = time.perf_counter() - t0
+    return {part: seconds / steps for part, seconds in totals.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--plain", action="store_true")
+    args = ap.parse_args()
+    model_module.USE_KERNELS = not args.plain
+    net = ossgpt.load(args.model, dtype=torch.bfloat16)
+    sizes = bytes_per_token(net)
+    seconds = profile(net, args.steps, args.context)
+    print(f"{'part':<12} {'ms/token':>9} {'MB read':>9} {'GB/s':>7}")
+    for part in ("attention", "experts", "unembedding"):
+        print(f"{part:<12} {seconds[part] * 1e3:9.2f} {sizes[part] / 1e6:9.1f} "
+              f"{sizes[part] / seconds[part] / 1e9:7.1f}")
+    other = seconds["total"] - sum(seconds[p] for p in sizes)
+    total_bytes = sum(sizes.values())
+    print(f"{'other':<12} {other * 1e3:9.2f}")
+    print(f"{'total':<12} {seconds['total'] * 1e3:9.2f} {total_bytes / 1e6:9.1f} "
+          f"{total_bytes / seconds['total'] / 1e9:7.1f}   ({1 / seconds['total']:.2f} tok/s, "
+          f"{torch.get_num_threads()} threads, {'plain' if args.plain else 'kernels'})")
+
+
+if __name__ == "__main__":
+    main()

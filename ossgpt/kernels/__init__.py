@@ -1,0 +1,81 @@
+"""Fast CPU kernels behind a small interface; the plain PyTorch code in ossgpt/model.py and
+ossgpt/mxfp4.py is the reference they are tested against (tests/test_kernels.py).
+
+The C++ source (mxfp4_cpu.cpp) is compiled on first use with torch.utils.cpp_extension
+(about a minute; cached under ~/.cache/torch_extensions). Without a compiler, or with
+OSSGPT_KERNELS=0, `cpu_kernels()` is None and the model runs the plain path.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_SOURCE = Path(__file__).with_name("mxfp4_cpu.cpp")
+_loaded: ModuleType | None = None
+_failed = False
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The compiled extension (moe_forward, dequantize_bf16), or None where it cannot be built."""
+    global _loaded, _failed
+    if _loaded is not None or _failed:
+        return _loaded
+    if os.environ.get("OSSGPT_KERNELS", "1") == "0":
+        _failed = True
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        flags = ["-O3", "-march=native", "-fopenmp"]
+        _loaded = load(name="ossgpt_mxfp4_cpu", sources=[str(_SOURCE)], extra_cflags=flags,
+                       extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no headers: the plain path still works
+        _failed = True
+        warnings.warn(f"ossgpt: CPU kernels unavailable, using the plain PyTorch path ({e})")
+    return _loaded
+
+
+def moe(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts,
+        limit: float, alpha: float = 1.702) -> torch.Tensor | None:
+    """The fused MXFP4 mixture of experts for x (N, C) -> float32 (N, C), or None when it does
+    not apply (not on the CPU, experts not packed, gradients wanted, kernels unavailable)."""
+    # Wrapped experts (LoRA) have no `packed` and take the plain path; so does anything that
+    # needs gradients, which the kernel does not give.
+    if (x.device.type != "cpu" or not getattr(experts, "packed", False)
+            or torch.is_grad_enabled() and (x.requires_grad or experts.mlp1_bias.requires_grad)):
+        return None
+    ext = cpu_kernels()
+    if ext is None:
+        return None
+    return ext.moe_forward(x if x.dtype == torch.bfloat16 else x.float(), indices, gates.float(),
+                           experts.mlp1_blocks, experts.mlp1_scales, experts.mlp1_bias.float(),
+                           experts.mlp2_blocks, experts.mlp2_scales, experts.mlp2_bias.float(),
+                           float(limit), float(alpha))
+
+
+def dequantize_bf16(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """MXFP4 -> bfloat16 on the CPU, threaded (exact, as mxfp4.dequantize); None where the
+    kernels are unavailable."""
+    if blocks.device.type != "cpu":
+        return None
+    ext = cpu_kernels()
+    return None if ext is None else ext.dequantize_bf16(blocks, scales)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x @ weight.T + bias for up to 4 rows of bf16 x (decode) on the CPU, or None where the
+    kernel does not apply (then F.linear: from about 8 rows oneDNN's blocking is faster)."""
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
+            or not 0 < rows <= 4 or x.shape[-1] % 32
+            or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return None
+    ext = cpu_kernels()
+    if ext is None or not hasattr(ext, "linear_bf16"):
+        return None
+    y = ext.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,518 @@
+// MXFP4 mixture-of-experts for the CPU: each routed expert's weights are read once, in their
+// packed form, and dequantized in registers (a fused dequant-matmul), never materialised.
+//
+// Why hand-written: decode is bound by memory traffic, and PyTorch has no MXFP4 matmul, so the
+// plain path must write a dequantized bf16 copy of every routed expert (4x the bytes) before
+// multiplying. The plain version in ossgpt/model.py is the reference these kernels are tested
+// against (tests/test_kernels.py).
+//
+// Layout (ossgpt/mxfp4.py): a weight row of K inputs is K/32 blocks of 16 bytes (two E2M1 codes
+// per byte, low nibble = even element) and K/32 E8M0 scale bytes.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr float kFp4[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f,
+                            -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+
+// 2**(s - 127) for every E8M0 byte, exactly as ossgpt.mxfp4 (0xFF is NaN).
+struct ScaleTable {
+  float v[256];
+  ScaleTable() {
+    for (int s = 0; s < 256; ++s) v[s] = std::ldexp(1.0f, s - 127);
+    v[255] = NAN;
+  }
+};
+const ScaleTable kScale;
+
+constexpr int kMaxTokens = 8;  // token rows per job tile (the fp32 kernel takes 4 at a time)
+constexpr int kRows = 4;       // weight rows per register tile
+
+// y[m * ldy + r] = sum_k W[r, k] * x[m, k] + bias[r] for rows r in [r0, r1), M <= kMaxTokens
+// tokens. x is "pair-split": per block of 32 inputs, the 16 even elements then the 16 odd ones,
+// matching the low/high nibbles of the 16 packed bytes.
+template <int M>
+void rows_matmul(const uint8_t* blocks, const uint8_t* scales, int64_t G, const float* x,
+                 float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
+  const int64_t K = G * 32;
+#if defined(__AVX512F__)
+  const __m512 lut = _mm512_loadu_ps(kFp4);
+  const __m512i low4 = _mm512_set1_epi32(0x0F);
+  int64_t r = r0;
+  auto tile = [&](auto rows_const) {
+    constexpr int R = decltype(rows_const)::value;
+    __m512 acc[R][M];
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < M; ++m) acc[i][m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      for (int i = 0; i < R; ++i) {
+        const uint8_t* b = blocks + ((r + i) * G + g) * 16;
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)b));
+        const __m512 scale = _mm512_set1_ps(kScale.v[scales[(r + i) * G + g]]);
+        const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), lut), scale);
+        const __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), lut), scale);
+        for (int m = 0; m < M; ++m) {
+          const float* xm = x + m * K + g * 32;
+          acc[i][m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xm), acc[i][m]);
+          acc[i][m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xm + 16), acc[i][m]);
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < M; ++m) y[m * ldy + r + i] = _mm512_reduce_add_ps(acc[i][m]) + bias[r + i];
+    r += R;
+  };
+  while (r + kRows <= r1) tile(std::integral_constant<int, kRows>{});
+  while (r < r1) tile(std::integral_constant<int, 1>{});
+#else  // portable scalar version of the same loop
+  for (int64_t r = r0; r < r1; ++r) {
+    float acc[M] = {};
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* b = blocks + (r * G + g) * 16;
+      const float scale = kScale.v[scales[r * G + g]];
+      for (int j = 0; j < 16; ++j) {
+        const float lo = kFp4[b[j] & 0x0F] * scale, hi = kFp4[b[j] >> 4] * scale;
+        for (int m = 0; m < M; ++m)
+          acc[m] += lo * x[m * K + g * 32 + j] + hi * x[m * K + g * 32 + 16 + j];
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + r] = acc[m] + bias[r];
+  }
+#endif
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define OSSGPT_BF16_KERNEL 1
+// The bf16 version for bf16 models: weights become bf16 in registers (exact) and vdpbf16ps
+// multiplies 32 pairs per instruction. Blocks go four at a time (64 bytes, one 128-bit lane
+// each); nibbles become bf16 through vpshufb byte tables and in-lane unpacks (cross-lane
+// shuffles are what limited this loop) in four vectors: per block L, its bytes 0-7's low
+// nibbles (elements 0, 2, .., 14), their high nibbles (1, 3, .., 15), bytes 8-15's low
+// (16, 18, .., 30) and high (17, .., 31).
+// x is laid out the same way (Operand::set_row); a last partial quad is loaded masked (zeros).
+
+// Lanes of a quad's scale vector: 4 fp32 lanes per block (vdpbf16ps sums pairs of 16-bit lanes).
+alignas(64) const int32_t kQuadLanes[4][16] = {
+    {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
+    {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
+    {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
+    {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
+
+// 2**(s - 127) of n <= 16 E8M0 bytes as floats, exact as kScale: the byte is the float's
+// exponent field, except 0 (the subnormal 2**-127) and 0xFF (NaN).
+inline __m512 scale_vector(const uint8_t* s, int n) {
+  const __m512i e = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), s));
+  __m512i bits = _mm512_slli_epi32(e, 23);
+  bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()),
+                               _mm512_set1_epi32(0x00400000));
+  bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(255)),
+                               _mm512_set1_epi32(0x7FC00000));
+  return _mm512_castsi512_ps(bits);
+}
+
+inline int64_t quads(int64_t G) { return (G + 3) / 4; }
+
+template <int M>
+void rows_matmul_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t G, const uint16_t* x,
+                      float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
+  const int64_t Kp = quads(G) * 128;            // x's padded row length
+  // The bf16 bits of each E2M1 code, as two byte tables for vpshufb (per 128-bit lane).
+  const __m512i lut_lo = _mm512_broadcast_i32x4(_mm_setr_epi8(
+      0x00, 0x00, (char)0x80, (char)0xC0, 0x00, 0x40, (char)0x80, (char)0xC0,
+      0x00, 0x00, (char)0x80, (char)0xC0, 0x00, 0x40, (char)0x80, (char)0xC0));
+  const __m512i lut_hi = _mm512_broadcast_i32x4(_mm_setr_epi8(
+      0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40,
+      (char)0x80, (char)0xBF, (char)0xBF, (char)0xBF, (char)0xC0, (char)0xC0, (char)0xC0, (char)0xC0));
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  int64_t r = r0;
+  auto tile = [&](auto rows_const) {
+    constexpr int R = decltype(rows_const)::value;
+    __m512 acc[R][M];
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < M; ++m) acc[i][m] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {    // 16 blocks' scales at a time
+      const int n = (int)std::min<int64_t>(16, G - g0);
+      __m512 s16[R];
+      for (int i = 0; i < R; ++i) s16[i] = scale_vector(scales + (r + i) * G + g0, n);
+      for (int q = 0; q * 4 < n; ++q) {
+        const int64_t g = g0 + 4 * q;
+        const int nb = (int)std::min<int64_t>(4, G - g);
+        const __mmask64 bytes = nb == 4 ? ~0ull : (1ull << (16 * nb)) - 1;
+        const __m512i spread = _mm512_load_si512(kQuadLanes[q]);
+        for (int i = 0; i < R; ++i) {
+          const __m512i v = _mm512_maskz_loadu_epi8(bytes, blocks + ((r + i) * G + g) * 16);
+          const __m512i lo = _mm512_and_si512(v, low4);                      // even elements
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);  // odd elements
+          const __m512i lo_l = _mm512_shuffle_epi8(lut_lo, lo), lo_h = _mm512_shuffle_epi8(lut_hi, lo);
+          const __m512i hi_l = _mm512_shuffle_epi8(lut_lo, hi), hi_h = _mm512_shuffle_epi8(lut_hi, hi);
+          const __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo_l, lo_h);   // bytes 0-7, low
+          const __m512bh w1 = (__m512bh)_mm512_unpacklo_epi8(hi_l, hi_h);   // bytes 0-7, high
+          const __m512bh w2 = (__m512bh)_mm512_unpackhi_epi8(lo_l, lo_h);   // bytes 8-15, low
+          const __m512bh w3 = (__m512bh)_mm512_unpackhi_epi8(hi_l, hi_h);   // bytes 8-15, high
+          const __m512 scale = _mm512_permutexvar_ps(spread, s16[i]);
+          for (int m = 0; m < M; ++m) {
+            const uint16_t* xm = x + m * Kp + g * 32;
+            __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, (__m512bh)_mm512_loadu_si512(xm));
+            d = _mm512_dpbf16_ps(d, w1, (__m512bh)_mm512_loadu_si512(xm + 32));
+            d = _mm512_dpbf16_ps(d, w2, (__m512bh)_mm512_loadu_si512(xm + 64));
+            d = _mm512_dpbf16_ps(d, w3, (__m512bh)_mm512_loadu_si512(xm + 96));
+            acc[i][m] = _mm512_fmadd_ps(d, scale, acc[i][m]);
+          }
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < M; ++m) y[m * ldy + r + i] = _mm512_reduce_add_ps(acc[i][m]) + bias[r + i];
+    r += R;
+  };
+  // Rows x tokens accumulators must fit the 32 vector registers. One token (decode) goes row by
+  // row: the weights then stream through memory in order, which the hardware prefetcher
+  // follows best (several rows at once split it into interleaved streams).
+  constexpr int kTileRows = M == 1 ? 1 : M <= 4 ? 4 : 2;
+  while (r + kTileRows <= r1) tile(std::integral_constant<int, kTileRows>{});
+  while (r < r1) tile(std::integral_constant<int, 1>{});
+}
+
+void tile_matmul_bf16(int M, const uint8_t* blocks, const uint8_t* scales, int64_t G,
+                      const uint16_t* x, float* y, int64_t ldy, const float* bias, int64_t r0,
+                      int64_t r1) {
+  switch (M) {
+    case 1: return rows_matmul_bf16<1>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+    case 2: return rows_matmul_bf16<2>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+    case 3: return rows_matmul_bf16<3>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+    case 4: return rows_matmul_bf16<4>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+    case 5: return rows_matmul_bf16<5>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+    case 6: return rows_matmul_bf16<6>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+    case 7: return rows_matmul_bf16<7>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+    default: return rows_matmul_bf16<8>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+  }
+}
+#endif
+
+void tile_matmul(int M, const uint8_t* blocks, const uint8_t* scales, int64_t G, const float* x,
+                 float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
+  if (M > 4) {
+    tile_matmul(4, blocks, scales, G, x, y, ldy, bias, r0, r1);
+    return tile_matmul(M - 4, blocks, scales, G, x + 4 * G * 32, y + 4 * ldy, ldy, bias, r0, r1);
+  }
+  switch (M) {
+    case 1: return rows_matmul<1>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+    case 2: return rows_matmul<2>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+    case 3: return rows_matmul<3>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+    default: return rows_matmul<4>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+  }
+}
+
+// Activations laid out for the kernels: one row of K inputs per (token, expert) pair, in float32
+// or, for bf16 models, bfloat16 (see rows_matmul and rows_matmul_bf16 for the orders).
+struct Operand {
+  bool bf16;
+  int64_t K, stride;   // inputs per row; elements per stored row (bf16: padded to whole quads)
+  torch::Tensor data;  // (P, stride) float32, or int16 holding bf16 bits
+
+  Operand(bool bf16_, int64_t P, int64_t K_) : bf16(bf16_), K(K_), stride(K_) {
+#ifdef OSSGPT_BF16_KERNEL
+    if (bf16) stride = quads(K / 32) * 128;
+#endif
+    data = torch::zeros({P, stride}, torch::TensorOptions().dtype(bf16 ? torch::kInt16 : torch::kFloat32));
+  }
+
+  // Write row i from K floats, reordered so each packed nibble meets its input (see the kernels).
+  void set_row(int64_t i, const float* src) {
+    if (!bf16) {   // per block: the 16 even elements, then the 16 odd ones
+      float* dst = data.data_ptr<float>() + i * stride;
+      for (int64_t g = 0; g < K; g += 32)
+        for (int j = 0; j < 16; ++j) {
+          dst[g + j] = src[g + 2 * j];
+          dst[g + 16 + j] = src[g + 2 * j + 1];
+        }
+      return;
+    }
+    // per quad of blocks, four vectors of 32: vector j holds, for each block L of the quad,
+    // elements 16 * (j / 2) + 2 t + j % 2 for t = 0..7 (the padding stays zero)
+    uint16_t* dst = reinterpret_cast<uint16_t*>(data.data_ptr<int16_t>()) + i * stride;
+    for (int64_t g = 0; g < K / 32; ++g) {
+      const int64_t quad = g / 4, L = g % 4;
+      for (int j = 0; j < 4; ++j)
+        for (int t = 0; t < 8; ++t)
+          dst[quad * 128 + j * 32 + L * 8 + t] =
+              c10::BFloat16(src[g * 32 + 16 * (j / 2) + 2 * t + j % 2]).x;  // round to nearest even
+    }
+  }
+};
+
+float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
+
+// One job: rows [r0, r1) of one expert's matrix, for all the tokens routed to it (in tiles of
+// kMaxTokens, so the rows' packed weights stay in cache while each tile reads them).
+struct Job {
+  int64_t expert, r0, r1;
+};
+
+// Each used expert's rows in ranges sized so there are several jobs per thread, and small enough
+// (256 KiB of packed weights) to stay in a core's L2 cache while the token tiles pass over them.
+std::vector<Job> make_jobs(const std::vector<int64_t>& starts, int64_t R, int64_t G) {
+  const int64_t n_experts = (int64_t)starts.size() - 1;
+  int64_t used = 0;
+  for (int64_t e = 0; e < n_experts; ++e) used += starts[e + 1] > starts[e];
+  const int64_t want = 8 * at::get_num_threads();
+  int64_t chunk = std::max<int64_t>(kRows, R * used / std::max<int64_t>(want, 1));
+  chunk = std::min<int64_t>(chunk, std::max<int64_t>(kRows, (256 << 10) / (G * 17)));
+  chunk = std::min<int64_t>(R, (chunk + kRows - 1) / kRows * kRows);
+  std::vector<Job> jobs;
+  for (int64_t e = 0; e < n_experts; ++e)
+    if (starts[e + 1] > starts[e])
+      for (int64_t r = 0; r < R; r += chunk) jobs.push_back({e, r, std::min(R, r + chunk)});
+  return jobs;
+}
+
+// y (P, R) = x @ W_e.T + b_e, each row of x multiplied by the expert its (token, slot) pair
+// routes to; `starts` delimits each expert's rows of x.
+torch::Tensor expert_matmul(const Operand& x, const std::vector<int64_t>& starts,
+                            const torch::Tensor& blocks, const torch::Tensor& scales,
+                            const torch::Tensor& bias) {
+  const int64_t R = blocks.size(1), G = blocks.size(2), P = x.data.size(0);
+  auto y = torch::empty({P, R}, torch::TensorOptions().dtype(torch::kFloat32));
+  const auto jobs = make_jobs(starts, R, G);
+  const uint8_t* bp = blocks.data_ptr<uint8_t>();
+  const uint8_t* sp = scales.data_ptr<uint8_t>();
+  const float* biasp = bias.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (int64_t)jobs.size(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const Job& job = jobs[j];
+      const uint8_t* wb = bp + job.expert * R * G * 16;
+      const uint8_t* ws = sp + job.expert * R * G;
+      const float* b = biasp + job.expert * R;
+      const int64_t t_end = starts[job.expert + 1];
+      for (int64_t t = starts[job.expert]; t < t_end; t += kMaxTokens) {
+        const int n = (int)std::min<int64_t>(kMaxTokens, t_end - t);
+#ifdef OSSGPT_BF16_KERNEL
+        if (x.bf16) {
+          const auto* xb = reinterpret_cast<const uint16_t*>(x.data.data_ptr<int16_t>()) + t * x.stride;
+          tile_matmul_bf16(n, wb, ws, G, xb, yp + t * R, R, b, job.r0, job.r1);
+          continue;
+        }
+#endif
+        tile_matmul(n, wb, ws, G, x.data.data_ptr<float>() + t * x.stride, yp + t * R, R, b, job.r0,
+                    job.r1);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+// x (N, C) float32 or bfloat16 (then the bf16 kernels run: the products are exact, the sums
+// float32); indices (N, k) int64; gates (N, k) float32; mlp1 (E, 2I, C/32, 16) u8 +
+// (E, 2I, C/32) u8 + bias (E, 2I) float32; mlp2 (E, C, I/32, 16) + (E, C, I/32) + (E, C).
+// Returns sum_j gates[n, j] * expert_{indices[n, j]}(x[n]) as (N, C) float32.
+torch::Tensor moe_forward(torch::Tensor x, torch::Tensor indices, torch::Tensor gates,
+                          torch::Tensor mlp1_blocks, torch::Tensor mlp1_scales, torch::Tensor mlp1_bias,
+                          torch::Tensor mlp2_blocks, torch::Tensor mlp2_scales, torch::Tensor mlp2_bias,
+                          double limit, double alpha) {
+  TORCH_CHECK(gates.dtype() == torch::kFloat32 && mlp1_bias.dtype() == torch::kFloat32 &&
+              mlp2_bias.dtype() == torch::kFloat32, "moe_forward: gates and biases must be float32");
+  TORCH_CHECK(indices.dtype() == torch::kInt64 && mlp1_blocks.dtype() == torch::kUInt8 &&
+              mlp2_blocks.dtype() == torch::kUInt8, "moe_forward: bad index or weight dtype");
+#ifdef OSSGPT_BF16_KERNEL
+  const bool bf16 = x.dtype() == torch::kBFloat16;
+#else
+  const bool bf16 = false;
+#endif
+  x = x.to(torch::kFloat32).contiguous();
+  indices = indices.contiguous(); gates = gates.contiguous();
+  mlp1_blocks = mlp1_blocks.contiguous(); mlp1_scales = mlp1_scales.contiguous();
+  mlp2_blocks = mlp2_blocks.contiguous(); mlp2_scales = mlp2_scales.contiguous();
+  mlp1_bias = mlp1_bias.contiguous(); mlp2_bias = mlp2_bias.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), k = indices.size(1);
+  const int64_t E = mlp1_blocks.size(0), R1 = mlp1_blocks.size(1), I = R1 / 2;
+  TORCH_CHECK(C % 32 == 0 && I % 32 == 0 && mlp1_blocks.size(2) == C / 32 &&
+              mlp2_blocks.size(1) == C && mlp2_blocks.size(2) == I / 32,
+              "moe_forward: weight shapes do not match x");
+
+  // Group the (token, slot) pairs by expert: each expert's rows are contiguous in xs.
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  const int64_t P = N * k;
+  std::vector<int64_t> starts(E + 1, 0);
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(idx[p] >= 0 && idx[p] < E, "moe_forward: expert index out of range");
+    ++starts[idx[p] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) starts[e + 1] += starts[e];
+  std::vector<int64_t> order(P), fill(starts.begin(), starts.end() - 1);
+  for (int64_t p = 0; p < P; ++p) order[fill[idx[p]]++] = p;
+
+  Operand xs(bf16, P, C);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, P, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) xs.set_row(i, xp + (order[i] / k) * C);
+  });
+
+  // mlp1 -> (P, 2I), then the clamped SwiGLU of interleaved (gate, linear) columns -> (P, I).
+  auto h1 = expert_matmul(xs, starts, mlp1_blocks, mlp1_scales, mlp1_bias);
+  Operand h(bf16, P, I);
+  const float lim = (float)limit, a = (float)alpha;
+  const float* h1p = h1.data_ptr<float>();
+  at::parallel_for(0, P, 16, [&](int64_t b, int64_t e) {
+    std::vector<float> row(I);
+    for (int64_t i = b; i < e; ++i) {
+      for (int64_t c = 0; c < I; ++c) {
+        const float gate = std::min(h1p[i * R1 + 2 * c], lim);
+        const float lin = std::clamp(h1p[i * R1 + 2 * c + 1], -lim, lim);
+        row[c] = gate * sigmoid(a * gate) * (lin + 1.f);
+      }
+      h.set_row(i, row.data());
+    }
+  });
+
+  // mlp2 -> (P, C), then each token's gate-weighted sum over its k experts.
+  auto y = expert_matmul(h, starts, mlp2_blocks, mlp2_scales, mlp2_bias);
+  std::vector<int64_t> where(P);
+  for (int64_t i = 0; i < P; ++i) where[order[i]] = i;
+  auto out = torch::zeros({N, C}, x.options());
+  const float* yp = y.data_ptr<float>();
+  const float* gp = gates.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n)
+      for (int64_t j = 0; j < k; ++j) {
+        const float g = gp[n * k + j];
+        const float* src = yp + where[n * k + j] * C;
+        for (int64_t c = 0; c < C; ++c) op[n * C + c] += g * src[c];
+      }
+  });
+  return out;
+}
+
+// blocks (..., G, 16) u8, scales (..., G) u8 -> bfloat16 (..., G * 32): the plain dequantize,
+// threaded, for the prefill path that multiplies many tokens by one expert.
+torch::Tensor dequantize_bf16(torch::Tensor blocks, torch::Tensor scales) {
+  blocks = blocks.contiguous(); scales = scales.contiguous();
+  auto sizes = scales.sizes().vec();
+  const int64_t G = scales.numel();
+  sizes.back() *= 32;
+  auto out = torch::empty(sizes, blocks.options().dtype(torch::kBFloat16));
+  const uint8_t* b = blocks.data_ptr<uint8_t>();
+  const uint8_t* s = scales.data_ptr<uint8_t>();
+  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, G, 4096, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const float scale = kScale.v[s[g]];
+      for (int j = 0; j < 16; ++j) {
+        // Every E2M1 value times a power of two is exact in bf16: truncating the float is exact.
+        float v[2] = {kFp4[b[g * 16 + j] & 0x0F] * scale, kFp4[b[g * 16 + j] >> 4] * scale};
+        uint32_t bits[2];
+        std::memcpy(bits, v, sizeof bits);
+        o[g * 32 + 2 * j] = (uint16_t)(bits[0] >> 16);
+        o[g * 32 + 2 * j + 1] = (uint16_t)(bits[1] >> 16);
+      }
+    }
+  });
+  return out;
+}
+
+#ifdef OSSGPT_BF16_KERNEL
+namespace {
+// y[m, r] = sum_k W[r, k] x[m, k] for rows [r0, r1): bf16 weights and inputs, float32 sums.
+template <int M>
+void bf16_rows(const uint16_t* w, const uint16_t* x, int64_t K, float* y, int64_t ldy,
+               int64_t r0, int64_t r1) {
+  if constexpr (M == 1) {
+    // One row at a time: the weights stream through memory in order (interleaving rows splits
+    // that into several streams, which the hardware prefetcher follows less well), with four
+    // accumulators to cover vdpbf16ps's latency.
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint16_t* row = w + r * K;
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      int64_t k = 0;
+      for (; k + 128 <= K; k += 128)
+        for (int u = 0; u < 4; ++u)
+          acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(row + k + 32 * u),
+                                    (__m512bh)_mm512_loadu_si512(x + k + 32 * u));
+      for (; k < K; k += 32)
+        acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512(row + k),
+                                  (__m512bh)_mm512_loadu_si512(x + k));
+      y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    }
+    return;
+  }
+  constexpr int kTileRows = M <= 4 ? 4 : 2;
+  int64_t r = r0;
+  auto tile = [&](auto rows_const) {
+    constexpr int R = decltype(rows_const)::value;
+    __m512 acc[R][M];
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < M; ++m) acc[i][m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32)
+      for (int i = 0; i < R; ++i) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (r + i) * K + k);
+        for (int m = 0; m < M; ++m)
+          acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k));
+      }
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < M; ++m) y[m * ldy + r + i] = _mm512_reduce_add_ps(acc[i][m]);
+    r += R;
+  };
+  while (r + kTileRows <= r1) tile(std::integral_constant<int, kTileRows>{});
+  while (r < r1) tile(std::integral_constant<int, 1>{});
+}
+
+void bf16_tile(int M, const uint16_t* w, const uint16_t* x, int64_t K, float* y, int64_t ldy,
+               int64_t r0, int64_t r1) {
+  switch (M) {
+    case 1: return bf16_rows<1>(w, x, K, y, ldy, r0, r1);
+    case 2: return bf16_rows<2>(w, x, K, y, ldy, r0, r1);
+    case 3: return bf16_rows<3>(w, x, K, y, ldy, r0, r1);
+    case 4: return bf16_rows<4>(w, x, K, y, ldy, r0, r1);
+    case 5: return bf16_rows<5>(w, x, K, y, ldy, r0, r1);
+    case 6: return bf16_rows<6>(w, x, K, y, ldy, r0, r1);
+    case 7: return bf16_rows<7>(w, x, K, y, ldy, r0, r1);
+    default: return bf16_rows<8>(w, x, K, y, ldy, r0, r1);
+  }
+}
+}  // namespace
+
+// x (N, K) bf16, weight (R, K) bf16, K % 32 == 0, N <= 8 (decode) -> x @ weight.T + bias as
+// bf16 (N, R). oneDNN's bf16 matmul reads a one-row product's weights at about half the memory
+// bandwidth here; this reads them once, at full speed, which the unembedding (V x C) needs.
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && weight.dtype() == torch::kBFloat16 &&
+              x.dim() == 2 && x.size(0) <= kMaxTokens && weight.size(1) == x.size(1) &&
+              x.size(1) % 32 == 0, "linear_bf16: needs bf16 x (N <= 8, K % 32 == 0) and weight");
+  x = x.contiguous(); weight = weight.contiguous();
+  const int64_t N = x.size(0), K = x.size(1), R = weight.size(0);
+  auto y = torch::empty({N, R}, torch::TensorOptions().dtype(torch::kFloat32));
+  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  // Row ranges of at least 64 KiB of weights: enough work per task to keep the threads fed.
+  const int64_t grain = std::max<int64_t>(4, (64 << 10) / (K * 2));
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    bf16_tile((int)N, wp, xp, K, yp, R, r0, r1);
+  });
+  if (bias.has_value()) y += bias->to(torch::kFloat32);
+  return y.to(torch::kBFloat16);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("moe_forward", &moe_forward, "fused MXFP4 mixture of experts (CPU)");
+  m.def("dequantize_bf16", &dequantize_bf16, "MXFP4 -> bfloat16 (CPU, threaded)");
+#ifdef OSSGPT_BF16_KERNEL
+  m.def("linear_bf16", &linear_bf16, "bf16 matrix-vector products for decode (CPU)");
+#endif
+}

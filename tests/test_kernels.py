@@ -1,0 +1,150 @@
+"""The fast CPU kernels (ossgpt/kernels) against the plain PyTorch path they replace: the fused
+MXFP4 mixture of experts against MoE.grouped, on odd shapes and whole models; the threaded
+dequantizer bit for bit against mxfp4.dequantize."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ossgpt
+from ossgpt import kernels, model, mxfp4
+from ossgpt.model import MoE
+
+pytestmark = pytest.mark.skipif(kernels.cpu_kernels() is None, reason="no C++ compiler here")
+
+
+def _random_moe(config, dtype: torch.dtype, seed: int = 0) -> MoE:
+    g = torch.Generator().manual_seed(seed)
+    moe = MoE(config)
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            if p.dtype == torch.uint8 and name.endswith("blocks"):
+                p.copy_(torch.randint(0, 256, p.shape, generator=g, dtype=torch.uint8))
+            elif p.dtype == torch.uint8:   # scales near 2**-4, as trained weights have
+                p.copy_(torch.randint(121, 126, p.shape, generator=g, dtype=torch.uint8))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return moe.to(dtype)
+
+
+@pytest.fixture(scope="module")
+def odd_config(tiny_config):
+    # 3 blocks per hidden row and 5 per intermediate row (odd: the bf16 kernel's tail path),
+    # 5 experts with 3 routed, and row counts that are not multiples of the 4-row tiles.
+    return dataclasses.replace(tiny_config, hidden_size=96, intermediate_size=160, num_experts=5,
+                               experts_per_token=3)
+
+
+def _routed(moe: MoE, x: torch.Tensor):
+    t = moe.norm(x)
+    top = torch.topk(moe.router(t), moe.k, dim=-1, sorted=True)
+    return t, top.indices, torch.softmax(top.values.float(), dim=-1)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 9, 40])
+@torch.inference_mode()
+def test_fused_moe_matches_plain_float32(odd_config, tokens):
+    moe = _random_moe(odd_config, torch.float32)
+    x = torch.randn(tokens, odd_config.hidden_size, generator=torch.Generator().manual_seed(tokens))
+    t, idx, gates = _routed(moe, x)
+    fused = kernels.moe(t, idx, gates, moe.experts, moe.limit)
+    plain = moe.grouped(t, idx, gates)
+    assert fused is not None and fused.dtype == torch.float32
+    assert (fused - plain).abs().max() <= 1e-5 * plain.abs().max()
+
+
+@pytest.mark.parametrize("tokens", [1, 6, 40])
+@torch.inference_mode()
+def test_fused_moe_bf16_within_the_plain_paths_error(odd_config, tokens):
+    """bf16: the fused kernel's products are exact and its sums float32, so its error against
+    the float32 model is no worse than the plain bf16 path's (its own bf16 band)."""
+    f32 = _random_moe(odd_config, torch.float32)
+    bf16 = _random_moe(odd_config, torch.bfloat16)
+    x = torch.randn(tokens, odd_config.hidden_size, generator=torch.Generator().manual_seed(tokens))
+    t, idx, gates = _routed(bf16, x.bfloat16())
+    truth = f32.grouped(t.float(), idx, gates)
+    fused = kernels.moe(t, idx, gates, bf16.experts, bf16.limit)
+    plain = bf16.grouped(t, idx, gates)
+    err_fused = ((fused - truth).norm() / truth.norm()).item()
+    err_plain = ((plain - truth).norm() / truth.norm()).item()
+    assert err_fused <= max(err_plain, 1e-3), (err_fused, err_plain)
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (150, 37, 1, 129, 90, 5)]
+
+
+@torch.inference_mode()
+def _decode_logits(net, prompts, steps: int = 6) -> torch.Tensor:
+    """Prefill unequal prompts (past the 128-token window), then decode steps of fixed tokens
+    (not the argmax: near-tied random logits would send the paths apart); -> every step's
+    logits (steps + 1, B, V)."""
+    from ossgpt.generate import decode_step, prefill
+    cache = net.make_cache()
+    logits = prefill(net, prompts, cache)
+    positions = torch.tensor([len(p) for p in prompts])
+    out = [logits]
+    tokens = torch.randint(0, net.config.vocab_size, (steps, len(prompts)),
+                           generator=torch.Generator().manual_seed(2))
+    for i in range(steps):
+        logits = decode_step(net, tokens[i], positions + i, cache)
+        out.append(logits)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_logits_fused_equal_plain(tiny_original, tiny_config, monkeypatch, dtype):
+    net = ossgpt.load(tiny_original, dtype=dtype, progress=False)
+    prompts = _prompts(tiny_config.vocab_size)
+    monkeypatch.setattr(model, "USE_KERNELS", True)
+    fused = _decode_logits(net, prompts)
+    monkeypatch.setattr(model, "USE_KERNELS", False)
+    plain = _decode_logits(net, prompts)
+    rel = ((fused - plain).norm() / plain.norm()).item()
+    if dtype == torch.float32:
+        assert rel <= 1e-5
+    else:
+        # bf16: within the plain bf16 path's own distance from float32. Judged on the median
+        # over rows and steps: on random weights a near-tied router choice can flip in one
+        # row (either path), sending that row's logits far from float32.
+        truth = _decode_logits(ossgpt.load(tiny_original, dtype=torch.float32, progress=False), prompts)
+
+        def median_error(out: torch.Tensor) -> float:
+            return ((out - truth).norm(dim=-1) / truth.norm(dim=-1)).median().item()
+
+        assert median_error(fused) <= 1.25 * median_error(plain), (median_error(fused), median_error(plain))
+
+
+def test_dequantize_bf16_bit_exact_for_every_scale():
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (256, 3, 16), generator=g, dtype=torch.uint8)
+    scales = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 3).contiguous()
+    fast = kernels.dequantize_bf16(blocks, scales)
+    plain = mxfp4.dequantize(blocks, scales, torch.bfloat16)
+    nan = plain.isnan()
+    assert torch.equal(fast.isnan(), nan)
+    assert torch.equal(fast[~nan].view(torch.int16), plain[~nan].view(torch.int16))
+
+
+def test_grad_and_wrapped_experts_take_the_plain_path(odd_config):
+    moe = _random_moe(odd_config, torch.float32)
+    x = torch.randn(4, odd_config.hidden_size, requires_grad=True)
+    t, idx, gates = _routed(moe, x)
+    assert kernels.moe(t, idx, gates, moe.experts, moe.limit) is None   # gradients wanted
+    y = moe(x[None])
+    y.sum().backward()
+    assert moe.experts.mlp2_bias.grad is not None and x.grad is not None
+
+
+def test_disabled_by_environment():
+    code = "from ossgpt import kernels; print(kernels.cpu_kernels() is None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OSSGPT_KERNELS": "0"})
+    assert out.stdout.strip() == "True"
