@@ -431,44 +431,33 @@ namespace {
 template <int M>
 void bf16_rows(const uint16_t* w, const uint16_t* x, int64_t K, float* y, int64_t ldy,
                int64_t r0, int64_t r1) {
-  if constexpr (M == 1) {
-    // One row at a time: the weights stream through memory in order (interleaving rows splits
-    // that into several streams, which the hardware prefetcher follows less well), with four
-    // accumulators to cover vdpbf16ps's latency.
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint16_t* row = w + r * K;
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      int64_t k = 0;
-      for (; k + 128 <= K; k += 128)
-        for (int u = 0; u < 4; ++u)
-          acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(row + k + 32 * u),
-                                    (__m512bh)_mm512_loadu_si512(x + k + 32 * u));
-      for (; k < K; k += 32)
-        acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512(row + k),
-                                  (__m512bh)_mm512_loadu_si512(x + k));
-      y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-    }
-    return;
-  }
-  constexpr int kTileRows = M <= 4 ? 4 : 2;
-  int64_t r = r0;
-  auto tile = [&](auto rows_const) {
-    constexpr int R = decltype(rows_const)::value;
-    __m512 acc[R][M];
-    for (int i = 0; i < R; ++i)
-      for (int m = 0; m < M; ++m) acc[i][m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32)
-      for (int i = 0; i < R; ++i) {
-        const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (r + i) * K + k);
+  // One row at a time: the weights stream through memory in order (interleaving rows splits
+  // that into several streams, which the hardware prefetcher follows less well). U independent
+  // accumulators per token cover vdpbf16ps's latency when there are few tokens.
+  constexpr int U = M == 1 ? 4 : M <= 4 ? 2 : 1;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* row = w + r * K;
+    __m512 acc[U][M];
+    for (int u = 0; u < U; ++u)
+      for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 * U <= K; k += 32 * U)
+      for (int u = 0; u < U; ++u) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + k + 32 * u);
         for (int m = 0; m < M; ++m)
-          acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k));
+          acc[u][m] = _mm512_dpbf16_ps(acc[u][m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * u));
       }
-    for (int i = 0; i < R; ++i)
-      for (int m = 0; m < M; ++m) y[m * ldy + r + i] = _mm512_reduce_add_ps(acc[i][m]);
-    r += R;
-  };
-  while (r + kTileRows <= r1) tile(std::integral_constant<int, kTileRows>{});
-  while (r < r1) tile(std::integral_constant<int, 1>{});
+    for (; k < K; k += 32) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + k);
+      for (int m = 0; m < M; ++m)
+        acc[0][m] = _mm512_dpbf16_ps(acc[0][m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k));
+    }
+    for (int m = 0; m < M; ++m) {
+      __m512 sum = acc[0][m];
+      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
+      y[m * ldy + r] = _mm512_reduce_add_ps(sum);
+    }
+  }
 }
 
 void bf16_tile(int M, const uint16_t* w, const uint16_t* x, int64_t K, float* y, int64_t ldy,
