@@ -35,9 +35,9 @@ class RMSNorm(nn.Module):
 
 
 # The fast CPU kernels (ossgpt/kernels): the fused MXFP4 experts read each routed expert once,
-# packed, where the plain path first writes a dequantized copy (faster at every batch measured,
-# 1 to 512 tokens), and decode's bf16 matrix-vector products read their weights at full memory
-# speed. False runs the plain path everywhere: the reference the tests compare them with.
+# packed, where the plain path first writes a dequantized copy (2x to 13x faster, measured from
+# 256 down to 8 tokens a layer), and decode's bf16 matrix-vector products read their weights at
+# memory speed. False runs the plain path everywhere: the reference the tests compare them with.
 USE_KERNELS = True
 
 
