@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -40,6 +41,27 @@ const ScaleTable kScale;
 constexpr int kMaxTokens = 8;  // token rows per job tile (the fp32 kernel takes 4 at a time)
 constexpr int kRows = 4;       // weight rows per register tile
 
+#if defined(__AVX512F__)
+// The register tiling both MXFP4 kernels share: rows [r0, r1) in tiles of kTileRows rows (then
+// single rows), each with zeroed accumulators acc[R][M] that `step(acc, r)` fills; then
+// y[m, r + i] = sum(acc[i][m]) + bias[r + i].
+template <int M, int kTileRows, class Step>
+inline void row_tiles(int64_t r0, int64_t r1, float* y, int64_t ldy, const float* bias, Step step) {
+  auto tile = [&](auto rows_const, int64_t r) {
+    constexpr int R = decltype(rows_const)::value;
+    __m512 acc[R][M];
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < M; ++m) acc[i][m] = _mm512_setzero_ps();
+    step(acc, r);
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < M; ++m) y[m * ldy + r + i] = _mm512_reduce_add_ps(acc[i][m]) + bias[r + i];
+  };
+  int64_t r = r0;
+  for (; r + kTileRows <= r1; r += kTileRows) tile(std::integral_constant<int, kTileRows>{}, r);
+  for (; r < r1; ++r) tile(std::integral_constant<int, 1>{}, r);
+}
+#endif
+
 // y[m * ldy + r] = sum_k W[r, k] * x[m, k] + bias[r] for rows r in [r0, r1), M <= kMaxTokens
 // tokens. x is "pair-split": per block of 32 inputs, the 16 even elements then the 16 odd ones,
 // matching the low/high nibbles of the 16 packed bytes.
@@ -50,12 +72,8 @@ void rows_matmul(const uint8_t* blocks, const uint8_t* scales, int64_t G, const 
 #if defined(__AVX512F__)
   const __m512 lut = _mm512_loadu_ps(kFp4);
   const __m512i low4 = _mm512_set1_epi32(0x0F);
-  int64_t r = r0;
-  auto tile = [&](auto rows_const) {
-    constexpr int R = decltype(rows_const)::value;
-    __m512 acc[R][M];
-    for (int i = 0; i < R; ++i)
-      for (int m = 0; m < M; ++m) acc[i][m] = _mm512_setzero_ps();
+  row_tiles<M, kRows>(r0, r1, y, ldy, bias, [&](auto& acc, int64_t r) {
+    constexpr int R = std::extent_v<std::remove_reference_t<decltype(acc)>>;  // tile rows
     for (int64_t g = 0; g < G; ++g) {
       for (int i = 0; i < R; ++i) {
         const uint8_t* b = blocks + ((r + i) * G + g) * 16;
@@ -70,12 +88,7 @@ void rows_matmul(const uint8_t* blocks, const uint8_t* scales, int64_t G, const 
         }
       }
     }
-    for (int i = 0; i < R; ++i)
-      for (int m = 0; m < M; ++m) y[m * ldy + r + i] = _mm512_reduce_add_ps(acc[i][m]) + bias[r + i];
-    r += R;
-  };
-  while (r + kRows <= r1) tile(std::integral_constant<int, kRows>{});
-  while (r < r1) tile(std::integral_constant<int, 1>{});
+  });
 #else  // portable scalar version of the same loop
   for (int64_t r = r0; r < r1; ++r) {
     float acc[M] = {};
@@ -136,12 +149,12 @@ void rows_matmul_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t G, c
       0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40,
       (char)0x80, (char)0xBF, (char)0xBF, (char)0xBF, (char)0xC0, (char)0xC0, (char)0xC0, (char)0xC0));
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  int64_t r = r0;
-  auto tile = [&](auto rows_const) {
-    constexpr int R = decltype(rows_const)::value;
-    __m512 acc[R][M];
-    for (int i = 0; i < R; ++i)
-      for (int m = 0; m < M; ++m) acc[i][m] = _mm512_setzero_ps();
+  // Rows x tokens accumulators must fit the 32 vector registers. One token (decode) goes row by
+  // row: the weights then stream through memory in order, which the hardware prefetcher
+  // follows best (several rows at once split it into interleaved streams).
+  constexpr int kTileRows = M == 1 ? 1 : M <= 4 ? 4 : 2;
+  row_tiles<M, kTileRows>(r0, r1, y, ldy, bias, [&](auto& acc, int64_t r) {
+    constexpr int R = std::extent_v<std::remove_reference_t<decltype(acc)>>;  // tile rows
     for (int64_t g0 = 0; g0 < G; g0 += 16) {    // 16 blocks' scales at a time
       const int n = (int)std::min<int64_t>(16, G - g0);
       __m512 s16[R];
@@ -173,16 +186,7 @@ void rows_matmul_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t G, c
         }
       }
     }
-    for (int i = 0; i < R; ++i)
-      for (int m = 0; m < M; ++m) y[m * ldy + r + i] = _mm512_reduce_add_ps(acc[i][m]) + bias[r + i];
-    r += R;
-  };
-  // Rows x tokens accumulators must fit the 32 vector registers. One token (decode) goes row by
-  // row: the weights then stream through memory in order, which the hardware prefetcher
-  // follows best (several rows at once split it into interleaved streams).
-  constexpr int kTileRows = M == 1 ? 1 : M <= 4 ? 4 : 2;
-  while (r + kTileRows <= r1) tile(std::integral_constant<int, kTileRows>{});
-  while (r < r1) tile(std::integral_constant<int, 1>{});
+  });
 }
 
 void tile_matmul_bf16(int M, const uint8_t* blocks, const uint8_t* scales, int64_t G,
