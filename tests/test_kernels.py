@@ -59,11 +59,12 @@ def test_fused_moe_matches_plain_float32(odd_config, tokens):
     assert (fused - plain).abs().max() <= 1e-5 * plain.abs().max()
 
 
-@pytest.mark.parametrize("tokens", [1, 6, 40])
+@pytest.mark.parametrize("tokens", [1, 6, 40, 100])
 @torch.inference_mode()
 def test_fused_moe_bf16_within_the_plain_paths_error(odd_config, tokens):
     """bf16: the fused kernel's products are exact and its sums float32, so its error against
-    the float32 model is no worse than the plain bf16 path's (its own bf16 band)."""
+    the float32 model is no worse than the plain bf16 path's (its own bf16 band). 1 and 6 tokens
+    take the in-register path, 40 and 100 (8 and 20 per expert) the dequantized panels."""
     f32 = _random_moe(odd_config, torch.float32)
     bf16 = _random_moe(odd_config, torch.bfloat16)
     x = torch.randn(tokens, odd_config.hidden_size, generator=torch.Generator().manual_seed(tokens))
@@ -120,6 +121,41 @@ def test_model_logits_fused_equal_plain(tiny_original, tiny_config, monkeypatch,
             return ((out - truth).norm(dim=-1) / truth.norm(dim=-1)).median().item()
 
         assert median_error(fused) <= 1.25 * median_error(plain), (median_error(fused), median_error(plain))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8])
+@torch.inference_mode()
+def test_linear_equals_exact_products_summed_in_float32(rows):
+    """The decode products: bf16 products are exact, so the kernel is x.float() @ w.float().T
+    (summed in another order) rounded once to bf16. 37 outputs: not a multiple of any tile."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=g).bfloat16()
+    w, b = torch.randn(37, 96, generator=g).bfloat16(), torch.randn(37, generator=g).bfloat16()
+    y = kernels.linear(x, w, b)
+    truth = x.float() @ w.float().T + b.float()
+    assert y is not None and y.dtype == torch.bfloat16 and y.shape == (rows, 37)
+    assert ((y.float() - truth).abs() <= truth.abs() * 2**-8 + 1e-5).all()
+    assert kernels.linear(torch.randn(9, 96).bfloat16(), w, b) is None     # oneDNN from 9 rows
+
+
+@torch.inference_mode()
+def test_flash_attention_with_sinks_equals_plain():
+    """Prefill attention through PyTorch's flash kernel against model.sdpa_with_sinks, float32:
+    two prompts, one left-padded (its padding rows attend nothing), 150 tokens past a 128-token
+    window and without one."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, K, D = 2, 150, 8, 2, 16
+    q, k, v = (torch.randn(B, T, n, D, generator=g) for n in (H, K, K))
+    sinks = torch.randn(H, generator=g)
+    positions = torch.arange(T).expand(B, T).clone()
+    positions[1, :30] = -1
+    for window in (128, None):
+        mask = model.attention_mask(positions, positions, window)
+        fast = kernels.attention(q, k, v, sinks, mask, 0.25)
+        plain = model.sdpa_with_sinks(q, k, v, sinks, mask, 0.25)
+        assert fast is not None and torch.isfinite(fast).all()
+        assert (fast - plain).abs().max() <= 1e-5 * plain.abs().max()
+    assert kernels.attention(q[:, :1], k, v, sinks, mask[:, :1], 0.25) is None   # decode: einsums
 
 
 def test_dequantize_bf16_bit_exact_for_every_scale():

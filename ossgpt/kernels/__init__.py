@@ -1,13 +1,14 @@
 """Fast CPU kernels behind a small interface; the plain PyTorch code in ossgpt/model.py and
 ossgpt/mxfp4.py is the reference they are tested against (tests/test_kernels.py).
 
-The C++ source (mxfp4_cpu.cpp) is compiled on first use with torch.utils.cpp_extension
+The C++ sources (mxfp4_cpu.cpp, linear_cpu.cpp, bf16_gemm.h) are compiled on first use with torch.utils.cpp_extension
 (about a minute; cached under ~/.cache/torch_extensions). Without a compiler, or with
 OSSGPT_KERNELS=0, `cpu_kernels()` is None and the model runs the plain path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -15,7 +16,8 @@ from types import ModuleType
 
 import torch
 
-_SOURCE = Path(__file__).with_name("mxfp4_cpu.cpp")
+_DIR = Path(__file__).parent
+_SOURCES = [_DIR / "mxfp4_cpu.cpp", _DIR / "linear_cpu.cpp"]
 _loaded: ModuleType | None = None
 _failed = False
 
@@ -30,8 +32,10 @@ def cpu_kernels() -> ModuleType | None:
         return None
     try:
         from torch.utils.cpp_extension import load
-        flags = ["-O3", "-march=native", "-fopenmp"]
-        _loaded = load(name="ossgpt_mxfp4_cpu", sources=[str(_SOURCE)], extra_cflags=flags,
+        # torch rebuilds when a source or flag changes; the header's hash as a flag covers it too
+        header = hashlib.sha1((_DIR / "bf16_gemm.h").read_bytes()).hexdigest()[:12]
+        flags = ["-O3", "-march=native", "-fopenmp", f"-DOSSGPT_HEADER_{header}"]
+        _loaded = load(name="ossgpt_cpu_kernels", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no headers: the plain path still works
         _failed = True
@@ -67,11 +71,11 @@ def dequantize_bf16(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x @ weight.T + bias for up to 4 rows of bf16 x (decode) on the CPU, or None where the
-    kernel does not apply (then F.linear: from about 8 rows oneDNN's blocking is faster)."""
+    """x @ weight.T + bias for up to 8 rows of bf16 x (decode, batches of up to 8) on the CPU, or
+    None where the kernel does not apply (then F.linear, whose blocking suits more rows)."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
-            or not 0 < rows <= 4 or x.shape[-1] % 32
+            or not 0 < rows <= 8 or x.shape[-1] % 32
             or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return None
     ext = cpu_kernels()
@@ -79,3 +83,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return None
     y = ext.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+              mask: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """model.sdpa_with_sinks for prefill on the CPU through PyTorch's flash attention, or None
+    where it does not apply (one query token, not the CPU, gradients wanted).
+
+    The flash kernel has no sinks, but it returns each row's log-sum-exp: a sink logit s adds
+    e**s to the softmax's denominator and nothing to its numerator, so the output with the sink
+    is the output without it times Z / (Z + e**s) = sigmoid(lse - s)."""
+    B, T, H, D = q.shape
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if (T == 1 or flash is None or q.device.type != "cpu"
+            or torch.is_grad_enabled() and (q.requires_grad or sinks.requires_grad)):
+        return None
+    G = H // k.shape[2]
+    k = k.transpose(1, 2).repeat_interleave(G, dim=1)                   # (B, H, S, D)
+    v = v.transpose(1, 2).repeat_interleave(G, dim=1)
+    bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))[:, None]
+    out, lse = flash(q.transpose(1, 2), k, v, 0.0, False, attn_mask=bias, scale=scale)
+    keep = torch.sigmoid(lse - sinks.float().view(1, H, 1)).unsqueeze(-1)  # (B, H, T, 1)
+    # a row with no key to attend gives lse -inf and 0 * nan: the sink takes all, the output is 0
+    out = torch.nan_to_num(out.float() * keep, nan=0.0)
+    return out.transpose(1, 2).to(q.dtype)

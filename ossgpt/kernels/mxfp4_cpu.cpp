@@ -1,5 +1,7 @@
 // MXFP4 mixture-of-experts for the CPU: each routed expert's weights are read once, in their
-// packed form, and dequantized in registers (a fused dequant-matmul), never materialised.
+// packed form, never materialised whole. With few tokens per expert (decode) they are
+// dequantized in registers (a fused dequant-matmul); with many (prefill) a few rows at a time
+// into a bf16 panel that stays in cache while a register-tiled GEMM passes every token over it.
 //
 // Why hand-written: decode is bound by memory traffic, and PyTorch has no MXFP4 matmul, so the
 // plain path must write a dequantized bf16 copy of every routed expert (4x the bytes) before
@@ -22,6 +24,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include "bf16_gemm.h"
+#endif
 
 namespace {
 
@@ -40,6 +45,38 @@ const ScaleTable kScale;
 
 constexpr int kMaxTokens = 8;  // token rows per job tile (the fp32 kernel takes 4 at a time)
 constexpr int kRows = 4;       // weight rows per register tile
+constexpr int kPanelTokens = 4;   // bf16: tokens per expert from which panels pay (measured)
+
+// n consecutive MXFP4 blocks (16 bytes and one scale each) -> 32 n bfloat16 in element order,
+// exact as mxfp4.dequantize: an E2M1 value times a power of two is a bf16, so truncating the
+// float32 product is exact (zero, subnormal, inf and NaN scales included).
+inline void decode_blocks_bf16(const uint8_t* b, const uint8_t* s, int64_t n, uint16_t* out) {
+#if defined(__AVX512F__)
+  const __m512 lut = _mm512_loadu_ps(kFp4);
+  const __m512i low4 = _mm512_set1_epi32(0x0F), high16 = _mm512_set1_epi32((int)0xFFFF0000u);
+  for (int64_t g = 0; g < n; ++g) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(b + g * 16)));
+    const __m512 scale = _mm512_set1_ps(kScale.v[s[g]]);
+    const __m512i even = _mm512_castps_si512(
+        _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), lut), scale));
+    const __m512i odd = _mm512_castps_si512(
+        _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), lut), scale));
+    // 32-bit lane j holds elements 2j (low half) and 2j + 1 (high half): the bf16 pair in order
+    _mm512_storeu_si512(out + g * 32,
+                        _mm512_or_si512(_mm512_srli_epi32(even, 16), _mm512_and_si512(odd, high16)));
+  }
+#else
+  for (int64_t g = 0; g < n; ++g) {
+    const float scale = kScale.v[s[g]];
+    for (int j = 0; j < 32; ++j) {
+      const float v = kFp4[(b[g * 16 + j / 2] >> (4 * (j % 2))) & 0x0F] * scale;
+      uint32_t bits;
+      std::memcpy(&bits, &v, sizeof bits);
+      out[g * 32 + j] = (uint16_t)(bits >> 16);
+    }
+  }
+#endif
+}
 
 #if defined(__AVX512F__)
 // The register tiling both MXFP4 kernels share: rows [r0, r1) in tiles of kTileRows rows (then
@@ -219,23 +256,32 @@ void tile_matmul(int M, const uint8_t* blocks, const uint8_t* scales, int64_t G,
   }
 }
 
-// Activations laid out for the kernels: one row of K inputs per (token, expert) pair, in float32
-// or, for bf16 models, bfloat16 (see rows_matmul and rows_matmul_bf16 for the orders).
+// How activations are laid out for the kernels: one row of K inputs per (token, expert) pair.
+//   F32Pairs:  float32, per block of 32 the even elements then the odd ones (rows_matmul);
+//   Bf16Quads: bf16 in the order of rows_matmul_bf16's registers, padded to whole quads;
+//   Bf16Plain: bf16 in element order, for the prefill panels (expert_matmul).
+enum class Layout { F32Pairs, Bf16Quads, Bf16Plain };
+
 struct Operand {
-  bool bf16;
-  int64_t K, stride;   // inputs per row; elements per stored row (bf16: padded to whole quads)
+  Layout layout;
+  int64_t K, stride;   // inputs per row; elements per stored row
   torch::Tensor data;  // (P, stride) float32, or int16 holding bf16 bits
 
-  Operand(bool bf16_, int64_t P, int64_t K_) : bf16(bf16_), K(K_), stride(K_) {
+  Operand(Layout layout_, int64_t P, int64_t K_) : layout(layout_), K(K_), stride(K_) {
 #ifdef OSSGPT_BF16_KERNEL
-    if (bf16) stride = quads(K / 32) * 128;
+    if (layout == Layout::Bf16Quads) stride = quads(K / 32) * 128;
 #endif
-    data = torch::zeros({P, stride}, torch::TensorOptions().dtype(bf16 ? torch::kInt16 : torch::kFloat32));
+    const bool f32 = layout == Layout::F32Pairs;
+    data = torch::zeros({P, stride}, torch::TensorOptions().dtype(f32 ? torch::kFloat32 : torch::kInt16));
+  }
+
+  const uint16_t* bf16_row(int64_t i) const {
+    return reinterpret_cast<const uint16_t*>(data.data_ptr<int16_t>()) + i * stride;
   }
 
   // Write row i from K floats, reordered so each packed nibble meets its input (see the kernels).
   void set_row(int64_t i, const float* src) {
-    if (!bf16) {   // per block: the 16 even elements, then the 16 odd ones
+    if (layout == Layout::F32Pairs) {   // per block: the 16 even elements, then the 16 odd ones
       float* dst = data.data_ptr<float>() + i * stride;
       for (int64_t g = 0; g < K; g += 32)
         for (int j = 0; j < 16; ++j) {
@@ -244,15 +290,19 @@ struct Operand {
         }
       return;
     }
+    uint16_t* dst = const_cast<uint16_t*>(bf16_row(i));
+    if (layout == Layout::Bf16Plain) {
+      for (int64_t c = 0; c < K; ++c) dst[c] = c10::BFloat16(src[c]).x;   // round to nearest even
+      return;
+    }
     // per quad of blocks, four vectors of 32: vector j holds, for each block L of the quad,
     // elements 16 * (j / 2) + 2 t + j % 2 for t = 0..7 (the padding stays zero)
-    uint16_t* dst = reinterpret_cast<uint16_t*>(data.data_ptr<int16_t>()) + i * stride;
     for (int64_t g = 0; g < K / 32; ++g) {
       const int64_t quad = g / 4, L = g % 4;
       for (int j = 0; j < 4; ++j)
         for (int t = 0; t < 8; ++t)
           dst[quad * 128 + j * 32 + L * 8 + t] =
-              c10::BFloat16(src[g * 32 + 16 * (j / 2) + 2 * t + j % 2]).x;  // round to nearest even
+              c10::BFloat16(src[g * 32 + 16 * (j / 2) + 2 * t + j % 2]).x;
     }
   }
 };
@@ -266,14 +316,15 @@ struct Job {
 };
 
 // Each used expert's rows in ranges sized so there are several jobs per thread, and small enough
-// (256 KiB of packed weights) to stay in a core's L2 cache while the token tiles pass over them.
-std::vector<Job> make_jobs(const std::vector<int64_t>& starts, int64_t R, int64_t G) {
+// (256 KiB of weights, `row_bytes` each as the kernel holds them) to stay in a core's L2 cache
+// while the token tiles pass over them.
+std::vector<Job> make_jobs(const std::vector<int64_t>& starts, int64_t R, int64_t row_bytes) {
   const int64_t n_experts = (int64_t)starts.size() - 1;
   int64_t used = 0;
   for (int64_t e = 0; e < n_experts; ++e) used += starts[e + 1] > starts[e];
   const int64_t want = 8 * at::get_num_threads();
   int64_t chunk = std::max<int64_t>(kRows, R * used / std::max<int64_t>(want, 1));
-  chunk = std::min<int64_t>(chunk, std::max<int64_t>(kRows, (256 << 10) / (G * 17)));
+  chunk = std::min<int64_t>(chunk, std::max<int64_t>(kRows, (256 << 10) / row_bytes));
   chunk = std::min<int64_t>(R, (chunk + kRows - 1) / kRows * kRows);
   std::vector<Job> jobs;
   for (int64_t e = 0; e < n_experts; ++e)
@@ -287,26 +338,36 @@ std::vector<Job> make_jobs(const std::vector<int64_t>& starts, int64_t R, int64_
 torch::Tensor expert_matmul(const Operand& x, const std::vector<int64_t>& starts,
                             const torch::Tensor& blocks, const torch::Tensor& scales,
                             const torch::Tensor& bias) {
-  const int64_t R = blocks.size(1), G = blocks.size(2), P = x.data.size(0);
+  const int64_t R = blocks.size(1), G = blocks.size(2), P = x.data.size(0), K = G * 32;
   auto y = torch::empty({P, R}, torch::TensorOptions().dtype(torch::kFloat32));
-  const auto jobs = make_jobs(starts, R, G);
+  const bool panels = x.layout == Layout::Bf16Plain;
+  const auto jobs = make_jobs(starts, R, panels ? K * 2 : G * 17);
   const uint8_t* bp = blocks.data_ptr<uint8_t>();
   const uint8_t* sp = scales.data_ptr<uint8_t>();
   const float* biasp = bias.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (int64_t)jobs.size(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> panel;
     for (int64_t j = begin; j < end; ++j) {
       const Job& job = jobs[j];
       const uint8_t* wb = bp + job.expert * R * G * 16;
       const uint8_t* ws = sp + job.expert * R * G;
       const float* b = biasp + job.expert * R;
-      const int64_t t_end = starts[job.expert + 1];
-      for (int64_t t = starts[job.expert]; t < t_end; t += kMaxTokens) {
+      const int64_t t0 = starts[job.expert], t_end = starts[job.expert + 1];
+#ifdef OSSGPT_BF16_KERNEL
+      if (panels) {   // many tokens: dequantize the rows once into a bf16 panel, then a GEMM
+        panel.resize((job.r1 - job.r0) * K);
+        decode_blocks_bf16(wb + job.r0 * G * 16, ws + job.r0 * G, (job.r1 - job.r0) * G, panel.data());
+        ossgpt::gemm_bf16<4, 6>(panel.data(), K, job.r1 - job.r0, x.bf16_row(t0), x.stride, t_end - t0,
+                                K, yp + t0 * R + job.r0, R, b + job.r0);
+        continue;
+      }
+#endif
+      for (int64_t t = t0; t < t_end; t += kMaxTokens) {
         const int n = (int)std::min<int64_t>(kMaxTokens, t_end - t);
 #ifdef OSSGPT_BF16_KERNEL
-        if (x.bf16) {
-          const auto* xb = reinterpret_cast<const uint16_t*>(x.data.data_ptr<int16_t>()) + t * x.stride;
-          tile_matmul_bf16(n, wb, ws, G, xb, yp + t * R, R, b, job.r0, job.r1);
+        if (x.layout == Layout::Bf16Quads) {
+          tile_matmul_bf16(n, wb, ws, G, x.bf16_row(t), yp + t * R, R, b, job.r0, job.r1);
           continue;
         }
 #endif
@@ -360,7 +421,13 @@ torch::Tensor moe_forward(torch::Tensor x, torch::Tensor indices, torch::Tensor 
   std::vector<int64_t> order(P), fill(starts.begin(), starts.end() - 1);
   for (int64_t p = 0; p < P; ++p) order[fill[idx[p]]++] = p;
 
-  Operand xs(bf16, P, C);
+  // bf16 with many tokens per expert (prefill): weights dequantized once per panel of rows, then
+  // a register-tiled GEMM; few tokens (decode): dequantized in registers, for each tile of tokens.
+  int64_t used = 0;
+  for (int64_t e = 0; e < E; ++e) used += starts[e + 1] > starts[e];
+  const Layout layout = !bf16 ? Layout::F32Pairs
+                        : P >= kPanelTokens * used ? Layout::Bf16Plain : Layout::Bf16Quads;
+  Operand xs(layout, P, C);
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, P, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) xs.set_row(i, xp + (order[i] / k) * C);
@@ -368,7 +435,7 @@ torch::Tensor moe_forward(torch::Tensor x, torch::Tensor indices, torch::Tensor 
 
   // mlp1 -> (P, 2I), then the clamped SwiGLU of interleaved (gate, linear) columns -> (P, I).
   auto h1 = expert_matmul(xs, starts, mlp1_blocks, mlp1_scales, mlp1_bias);
-  Operand h(bf16, P, I);
+  Operand h(layout, P, I);
   const float lim = (float)limit, a = (float)alpha;
   const float* h1p = h1.data_ptr<float>();
   at::parallel_for(0, P, 16, [&](int64_t b, int64_t e) {
@@ -414,92 +481,13 @@ torch::Tensor dequantize_bf16(torch::Tensor blocks, torch::Tensor scales) {
   const uint8_t* s = scales.data_ptr<uint8_t>();
   auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, G, 4096, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const float scale = kScale.v[s[g]];
-      for (int j = 0; j < 16; ++j) {
-        // Every E2M1 value times a power of two is exact in bf16: truncating the float is exact.
-        float v[2] = {kFp4[b[g * 16 + j] & 0x0F] * scale, kFp4[b[g * 16 + j] >> 4] * scale};
-        uint32_t bits[2];
-        std::memcpy(bits, v, sizeof bits);
-        o[g * 32 + 2 * j] = (uint16_t)(bits[0] >> 16);
-        o[g * 32 + 2 * j + 1] = (uint16_t)(bits[1] >> 16);
-      }
-    }
+    decode_blocks_bf16(b + g0 * 16, s + g0, g1 - g0, o + g0 * 32);
   });
   return out;
 }
 
 #ifdef OSSGPT_BF16_KERNEL
-namespace {
-// y[m, r] = sum_k W[r, k] x[m, k] for rows [r0, r1): bf16 weights and inputs, float32 sums.
-template <int M>
-void bf16_rows(const uint16_t* w, const uint16_t* x, int64_t K, float* y, int64_t ldy,
-               int64_t r0, int64_t r1) {
-  // One row at a time: the weights stream through memory in order (interleaving rows splits
-  // that into several streams, which the hardware prefetcher follows less well). U independent
-  // accumulators per token cover vdpbf16ps's latency when there are few tokens.
-  constexpr int U = M == 1 ? 4 : M <= 4 ? 2 : 1;
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* row = w + r * K;
-    __m512 acc[U][M];
-    for (int u = 0; u < U; ++u)
-      for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 * U <= K; k += 32 * U)
-      for (int u = 0; u < U; ++u) {
-        const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + k + 32 * u);
-        for (int m = 0; m < M; ++m)
-          acc[u][m] = _mm512_dpbf16_ps(acc[u][m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * u));
-      }
-    for (; k < K; k += 32) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(row + k);
-      for (int m = 0; m < M; ++m)
-        acc[0][m] = _mm512_dpbf16_ps(acc[0][m], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k));
-    }
-    for (int m = 0; m < M; ++m) {
-      __m512 sum = acc[0][m];
-      for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][m]);
-      y[m * ldy + r] = _mm512_reduce_add_ps(sum);
-    }
-  }
-}
-
-void bf16_tile(int M, const uint16_t* w, const uint16_t* x, int64_t K, float* y, int64_t ldy,
-               int64_t r0, int64_t r1) {
-  switch (M) {
-    case 1: return bf16_rows<1>(w, x, K, y, ldy, r0, r1);
-    case 2: return bf16_rows<2>(w, x, K, y, ldy, r0, r1);
-    case 3: return bf16_rows<3>(w, x, K, y, ldy, r0, r1);
-    case 4: return bf16_rows<4>(w, x, K, y, ldy, r0, r1);
-    case 5: return bf16_rows<5>(w, x, K, y, ldy, r0, r1);
-    case 6: return bf16_rows<6>(w, x, K, y, ldy, r0, r1);
-    case 7: return bf16_rows<7>(w, x, K, y, ldy, r0, r1);
-    default: return bf16_rows<8>(w, x, K, y, ldy, r0, r1);
-  }
-}
-}  // namespace
-
-// x (N, K) bf16, weight (R, K) bf16, K % 32 == 0, N <= 8 (decode) -> x @ weight.T + bias as
-// bf16 (N, R). oneDNN's bf16 matmul reads a one-row product's weights at about half the memory
-// bandwidth here; this reads them once, at full speed, which the unembedding (V x C) needs.
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dtype() == torch::kBFloat16 && weight.dtype() == torch::kBFloat16 &&
-              x.dim() == 2 && x.size(0) <= kMaxTokens && weight.size(1) == x.size(1) &&
-              x.size(1) % 32 == 0, "linear_bf16: needs bf16 x (N <= 8, K % 32 == 0) and weight");
-  x = x.contiguous(); weight = weight.contiguous();
-  const int64_t N = x.size(0), K = x.size(1), R = weight.size(0);
-  auto y = torch::empty({N, R}, torch::TensorOptions().dtype(torch::kFloat32));
-  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
-  // Row ranges of at least 64 KiB of weights: enough work per task to keep the threads fed.
-  const int64_t grain = std::max<int64_t>(4, (64 << 10) / (K * 2));
-  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-    bf16_tile((int)N, wp, xp, K, yp, R, r0, r1);
-  });
-  if (bias.has_value()) y += bias->to(torch::kFloat32);
-  return y.to(torch::kBFloat16);
-}
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias);  // linear_cpu.cpp
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
