@@ -2,9 +2,11 @@
 the unembedding, each with the bytes it must read and the read speed that implies (compare with
 the machine's bandwidth that benchmarks/compare_engines.py measures).
 
-    python benchmarks/decode_profile.py --model DIR [--steps 16] [--context 128] [--plain]
+    python benchmarks/decode_profile.py --model DIR [--steps 16] [--context 128] [--batch 1] [--plain]
 
 --plain runs the plain PyTorch path (model.USE_KERNELS = False) instead of the fast kernels.
+--batch B decodes B sequences at once: the times are per step (B tokens), and the experts'
+bytes are those of the distinct experts the step's tokens route to (at most the layer's all).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def bytes_per_token(net) -> dict[str, int]:
-    """Weight bytes one decoded token reads per part (k routed experts per layer)."""
+def bytes_per_step(net, batch: int = 1) -> dict[str, int]:
+    """Weight bytes one decode step reads per part: k routed experts per layer and token, taken
+    as distinct experts drawn uniformly at random for a batch (random weights route so)."""
     cfg = net.config
     attn = sum(_nbytes(*b.attn.parameters()) for b in net.blocks)
     experts = 0
@@ -34,14 +37,16 @@ def bytes_per_token(net) -> dict[str, int]:
         e = b.mlp.experts
         packed = (e.mlp1_blocks, e.mlp1_scales, e.mlp2_blocks, e.mlp2_scales) if e.packed \
             else (e.mlp1_weight, e.mlp2_weight)
-        experts += _nbytes(*packed) * cfg.experts_per_token // cfg.num_experts
+        E = cfg.num_experts
+        distinct = E * (1 - (1 - cfg.experts_per_token / E) ** batch)
+        experts += int(_nbytes(*packed) * distinct / E)
         experts += _nbytes(b.mlp.router.weight, b.mlp.norm.weight)
     return {"attention": attn, "experts": experts, "unembedding": _nbytes(net.unembedding.weight)}
 
 
 @torch.inference_mode()
-def profile(net, steps: int, context: int) -> dict[str, float]:
-    """Seconds per decoded token in each part, timed by forward hooks."""
+def profile(net, steps: int, context: int, batch: int = 1) -> dict[str, float]:
+    """Seconds per decode step in each part, timed by forward hooks."""
     totals: dict[str, float] = defaultdict(float)
     started: dict[str, float] = {}
 
@@ -55,12 +60,12 @@ def profile(net, steps: int, context: int) -> dict[str, float]:
         timed(b.mlp, "experts")
     timed(net.unembedding, "unembedding")
     cache = net.make_cache()
-    logits = prefill(net, random_prompts(1, context), cache)
-    logits = decode_step(net, logits.argmax(-1), torch.tensor([context]), cache)   # warm-up
+    logits = prefill(net, random_prompts(batch, context), cache)
+    logits = decode_step(net, logits.argmax(-1), torch.full((batch,), context), cache)   # warm-up
     totals.clear()
     t0 = time.perf_counter()
     for i in range(steps):
-        logits = decode_step(net, logits.argmax(-1), torch.tensor([context + 1 + i]), cache)
+        logits = decode_step(net, logits.argmax(-1), torch.full((batch,), context + 1 + i), cache)
     totals["total"] = time.perf_counter() - t0
     return {part: seconds / steps for part, seconds in totals.items()}
 
@@ -70,13 +75,14 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--plain", action="store_true")
     args = ap.parse_args()
     model_module.USE_KERNELS = not args.plain
     net = ossgpt.load(args.model, dtype=torch.bfloat16)
-    sizes = bytes_per_token(net)
-    seconds = profile(net, args.steps, args.context)
-    print(f"{'part':<12} {'ms/token':>9} {'MB read':>9} {'GB/s':>7}")
+    sizes = bytes_per_step(net, args.batch)
+    seconds = profile(net, args.steps, args.context, args.batch)
+    print(f"{'part':<12} {'ms/step':>9} {'MB read':>9} {'GB/s':>7}")
     for part in ("attention", "experts", "unembedding"):
         print(f"{part:<12} {seconds[part] * 1e3:9.2f} {sizes[part] / 1e6:9.1f} "
               f"{sizes[part] / seconds[part] / 1e9:7.1f}")
@@ -84,7 +90,8 @@ def main() -> None:
     total_bytes = sum(sizes.values())
     print(f"{'other':<12} {other * 1e3:9.2f}")
     print(f"{'total':<12} {seconds['total'] * 1e3:9.2f} {total_bytes / 1e6:9.1f} "
-          f"{total_bytes / seconds['total'] / 1e9:7.1f}   ({1 / seconds['total']:.2f} tok/s, "
+          f"{total_bytes / seconds['total'] / 1e9:7.1f}   ({args.batch / seconds['total']:.2f} tok/s, "
+          f"batch {args.batch}, "
           f"{torch.get_num_threads()} threads, {'plain' if args.plain else 'kernels'})")
 
 

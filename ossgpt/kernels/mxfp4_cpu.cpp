@@ -186,10 +186,11 @@ void rows_matmul_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t G, c
       0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40,
       (char)0x80, (char)0xBF, (char)0xBF, (char)0xBF, (char)0xC0, (char)0xC0, (char)0xC0, (char)0xC0));
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  // Rows x tokens accumulators must fit the 32 vector registers. One token (decode) goes row by
-  // row: the weights then stream through memory in order, which the hardware prefetcher
-  // follows best (several rows at once split it into interleaved streams).
-  constexpr int kTileRows = M == 1 ? 1 : M <= 4 ? 4 : 2;
+  // Rows x tokens accumulators must fit the 32 vector registers. Up to 4 tokens (decode) go row
+  // by row: the weights then stream through memory in order, which the hardware prefetcher
+  // follows best (4 rows at once split it into interleaved streams: batch-8 decode's experts
+  // took 65 ms a step that way against 49 ms row by row, 4 layers of gpt-oss-20b).
+  constexpr int kTileRows = M <= 4 ? 1 : 2;
   row_tiles<M, kTileRows>(r0, r1, y, ldy, bias, [&](auto& acc, int64_t r) {
     constexpr int R = std::extent_v<std::remove_reference_t<decltype(acc)>>;  // tile rows
     for (int64_t g0 = 0; g0 < G; g0 += 16) {    // 16 blocks' scales at a time
