@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import ossgpt
 from ossgpt import ModelConfig, Transformer, mxfp4
-from ossgpt.checkpoint import CheckpointError, save, write_random
+from ossgpt.checkpoint import CheckpointError, hugepages, save, write_random
 
 SHARD_GLOB = "model-*-of-*.safetensors"
 
@@ -431,6 +431,15 @@ def bf16_bytes(config: ModelConfig) -> int:
 GB = 1e9
 
 
+def moved_bytes(config: ModelConfig) -> int:
+    """What checkpoint/hugepages.py copies into memory at load (where the kernel has huge pages):
+    the bf16 unembedding and attention projections, whose file pages it then drops."""
+    if not hugepages.enabled():
+        return 0
+    C, HD, KD = config.hidden_size, config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return 2 * (config.vocab_size * C + config.num_hidden_layers * 2 * C * (HD + KD))
+
+
 def test_weights_are_memory_mapped(tiny_config, tmp_path):
     """Loading a bf16 checkpoint in bf16 maps the file instead of reading it into memory."""
     config = dataclasses.replace(tiny_config, hidden_size=512, layer_types=None)
@@ -443,8 +452,9 @@ def test_weights_are_memory_mapped(tiny_config, tmp_path):
           f"embedding mapped from: {r['embedding_mapping'] or '(anonymous memory)'}")
     assert r["embedding_mapping"].endswith("model.safetensors")
     # Reading the file into memory would add at least its size; a mapping adds only the small
-    # tensors converted to float32 and torch's own allocations (measured 0.08 GB here).
-    assert grew < 0.5 * size
+    # tensors converted to float32 and torch's own allocations (measured 0.08 GB here), plus
+    # the unembedding where checkpoint/hugepages.py copies it (its file pages are dropped).
+    assert grew < moved_bytes(config) + 0.5 * size
 
 
 def test_20b_shaped_checkpoint_peak_rss(tmp_path):
@@ -477,5 +487,5 @@ def test_20b_shaped_checkpoint_peak_rss(tmp_path):
           f"({r['forward_s']:.1f} s); peak RSS (VmHWM) {peak / GB:.2f} GB = {peak / dense:.0%} of bf16 "
           f"(ru_maxrss {r['ru_maxrss'] / GB:.2f} GB)")
     assert r["finite"]
-    assert r["after_load"]["VmRSS"] - r["before"]["VmRSS"] < 0.1 * size
+    assert r["after_load"]["VmRSS"] - r["before"]["VmRSS"] < moved_bytes(config) + 0.1 * size
     assert peak < 0.5 * dense

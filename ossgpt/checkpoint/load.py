@@ -18,7 +18,7 @@ from ..compact_vocab import CompactVocab
 from ..config import ConfigError, ModelConfig
 from ..errors import OssgptError
 from ..model import Transformer
-from . import formats
+from . import formats, hugepages
 from .formats import HF, ORIGINAL, Source
 
 
@@ -229,10 +229,23 @@ def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Tr
         if tuple(t.shape) != expected:
             raise CheckpointError(f"{files.files[src.name]}: tensor {src.name} has shape "
                                   f"{files.shape(src.name)}, which does not match config.json")
+        stored = t
         if t.dtype != torch.uint8:
             t = t.to(torch.float32 if _keep_float32(ours) else dtype)
+        if device.type == "cpu" and _streamed_by_decode(ours, t) and hugepages.enabled():
+            t = hugepages.copy(t)
+            if ours not in vocab_tables:     # a view of the file mapping, not needed any more
+                hugepages.release(stored)
         state[ours] = t.to(device)
     return state
+
+
+def _streamed_by_decode(name: str, t: torch.Tensor) -> bool:
+    """The dense weights each decoded token reads whole (attention, unembedding), which
+    hugepages.py moves; not the embedding (one row per token), nor the experts (a token reads
+    4 of 32 or 128, and their file pages can be dropped under memory pressure)."""
+    return (t.is_floating_point() and t.numel() * t.element_size() >= hugepages.MIN_BYTES
+            and name != "embedding.weight" and ".experts." not in name)
 
 
 # -- the entry point ---------------------------------------------------------------------------
