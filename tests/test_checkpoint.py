@@ -415,8 +415,10 @@ RSS_PROBE = """
 
 
 def probe(path: Path, n_tokens: int) -> dict:
+    # Experts memory-mapped, as on a machine without room for the whole checkpoint (hugepages.py)
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(RSS_PROBE), str(path), str(n_tokens)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OSSGPT_HUGEPAGES": "dense"})
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -432,8 +434,9 @@ GB = 1e9
 
 
 def moved_bytes(config: ModelConfig) -> int:
-    """What checkpoint/hugepages.py copies into memory at load (where the kernel has huge pages):
-    the bf16 unembedding and attention projections, whose file pages it then drops."""
+    """What checkpoint/hugepages.py copies into memory at load in its "dense" mode (where the
+    kernel has huge pages): the bf16 unembedding and attention projections, whose file pages
+    it then drops."""
     if not hugepages.enabled():
         return 0
     C, HD, KD = config.hidden_size, config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim

@@ -3,13 +3,14 @@ that the logits do not change, and that the file pages left behind stop counting
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 
 import pytest
 import torch
 
 import ossgpt
-from ossgpt.checkpoint import hugepages
+from ossgpt.checkpoint import hugepages, write_random
 
 pytestmark = pytest.mark.skipif(not hugepages.enabled(), reason="no transparent huge pages here")
 
@@ -28,21 +29,33 @@ def _mapping(address: int) -> tuple[str, int]:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-@torch.inference_mode()
-def test_load_moves_attention_and_unembedding_only(tiny_original, monkeypatch):
-    net = ossgpt.load(tiny_original, dtype=torch.bfloat16, progress=False)
-    moved = net.unembedding.weight                      # 201088 x 64 bf16: 25 MB
-    assert moved.data_ptr() % (2 << 20) == 0
-    assert not _mapping(moved.data_ptr())[0].endswith(".safetensors")
-    # The embedding (one row read per token) and the MXFP4 experts stay in the file mapping.
-    assert _mapping(net.embedding.weight.data_ptr())[0].endswith(".safetensors")
-    assert _mapping(net.blocks[0].mlp.experts.mlp1_blocks.data_ptr())[0].endswith(".safetensors")
+def _in_file(t: torch.Tensor) -> bool:
+    return _mapping(t.data_ptr())[0].endswith(".safetensors")
 
-    tokens = torch.randint(0, 201088, (2, 40), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(hugepages, "_enabled", False)
-    in_place = ossgpt.load(tiny_original, dtype=torch.bfloat16, progress=False)
-    assert _mapping(in_place.unembedding.weight.data_ptr())[0].endswith(".safetensors")
-    assert torch.equal(net(tokens), in_place(tokens))
+
+@torch.inference_mode()
+def test_load_moves_what_decode_streams(tiny_config, tmp_path, monkeypatch):
+    """auto (this small checkpoint fits in memory): dense weights and experts move, the
+    embedding stays mapped; dense: the experts stay mapped too; 0: everything does. Same
+    logits."""
+    # Tensors past hugepages.MIN_BYTES: unembedding 4096 x 256 bf16 (2 MiB), each layer's
+    # mlp1 blocks 4 x 4096 x 8 x 16 bytes (4 MiB).
+    config = dataclasses.replace(tiny_config, vocab_size=4096, hidden_size=256, intermediate_size=2048)
+    write_random(tmp_path, config, fmt="original", progress=False)
+    tokens = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for mode in ("auto", "dense", "0"):
+        monkeypatch.setenv("OSSGPT_HUGEPAGES", mode)
+        monkeypatch.setattr(hugepages, "_enabled", None)
+        net = ossgpt.load(tmp_path, dtype=torch.bfloat16, progress=False)
+        unembedding, experts = net.unembedding.weight, net.blocks[0].mlp.experts.mlp1_blocks
+        assert _in_file(net.embedding.weight)                     # one row read per token
+        assert _in_file(unembedding) == (mode == "0")
+        assert _in_file(experts) == (mode != "auto")
+        if mode == "auto":
+            assert unembedding.data_ptr() % (2 << 20) == 0 and experts.data_ptr() % (2 << 20) == 0
+        logits[mode] = net(tokens)
+    assert torch.equal(logits["auto"], logits["0"]) and torch.equal(logits["dense"], logits["0"])
 
 
 def test_release_drops_resident_pages_and_keeps_the_data(tmp_path):

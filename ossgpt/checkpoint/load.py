@@ -1,8 +1,9 @@
 """Find a checkpoint (directory, repo root holding both layouts, or hub id), check it against
 the format's name table, and load it memory-mapped onto a model built on the meta device.
 
-MXFP4 experts stay packed (uint8) and mmap'd: pages are read as experts are used, so a 20b
-checkpoint needs far less RAM than its 42 GB bf16 form."""
+MXFP4 experts stay packed (uint8), so a 20b checkpoint needs far less RAM than its 42 GB bf16
+form; they stay memory-mapped (pages read as experts are used) unless the machine has room for
+the whole checkpoint, when hugepages.py moves them, as it does the dense weights decode reads."""
 
 from __future__ import annotations
 
@@ -205,6 +206,8 @@ def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Tr
         if src.rows is not None:
             fused_rows[src.name] = max(fused_rows.get(src.name, 0), src.rows[1])
 
+    experts_too = device.type == "cpu" and hugepages.move_experts(
+        sum(p.stat().st_size for p in set(files.files.values())))
     state = {}
     bar = tqdm(table.items(), desc="Loading", unit="tensor", disable=not progress, leave=False)
     for ours, src in bar:
@@ -232,7 +235,7 @@ def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Tr
         stored = t
         if t.dtype != torch.uint8:
             t = t.to(torch.float32 if _keep_float32(ours) else dtype)
-        if device.type == "cpu" and _streamed_by_decode(ours, t) and hugepages.enabled():
+        if device.type == "cpu" and _streamed_by_decode(ours, t, experts_too) and hugepages.enabled():
             t = hugepages.copy(t)
             if ours not in vocab_tables:     # a view of the file mapping, not needed any more
                 hugepages.release(stored)
@@ -240,12 +243,12 @@ def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Tr
     return state
 
 
-def _streamed_by_decode(name: str, t: torch.Tensor) -> bool:
-    """The dense weights each decoded token reads whole (attention, unembedding), which
-    hugepages.py moves; not the embedding (one row per token), nor the experts (a token reads
-    4 of 32 or 128, and their file pages can be dropped under memory pressure)."""
-    return (t.is_floating_point() and t.numel() * t.element_size() >= hugepages.MIN_BYTES
-            and name != "embedding.weight" and ".experts." not in name)
+def _streamed_by_decode(name: str, t: torch.Tensor, experts: bool) -> bool:
+    """What hugepages.py moves: the dense weights each decoded token reads whole (attention,
+    unembedding), and the experts if `experts`; not the embedding (one row a token)."""
+    if t.numel() * t.element_size() < hugepages.MIN_BYTES or name == "embedding.weight":
+        return False
+    return experts if ".experts." in name else t.is_floating_point()
 
 
 # -- the entry point ---------------------------------------------------------------------------
