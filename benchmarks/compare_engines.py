@@ -17,8 +17,12 @@ batch size (as `ossgpt bench`, ossgpt/bench.py, which the ossgpt row uses as it 
   `pip download` into the cache folder ($OSSGPT_BENCH_CACHE, default ~/.cache/ossgpt-bench).
   Weights are read into memory (use_mmap=False) so its load time counts as the others' do.
 
+The engines run in --repeat rounds (default 3), each engine once per round in turn, and the
+figures are the medians over rounds: this machine's memory bandwidth drifts over minutes, and
+a single run of each can compare one engine's fast moment with another's slow one.
+
 Decode is memory-bound: the table also gives batch-1 decode as a fraction of the limit set by
-this machine's read bandwidth (a torch sum over 1 GiB, best of 5) and the bytes each decoded
+this machine's read bandwidth (a torch sum over 1 GiB, best of 5, measured every round) and the bytes each decoded
 token must read (decode_bytes_per_token). Results go to benchmarks/results/compare_<name>.json.
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -292,6 +297,20 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine's rounds -> its figures as medians (peak RSS: the largest), with every round
+    kept under "runs"."""
+    out = dict(runs[-1])
+    for key in ("load_s", "prefill_tok_s", "ttft_s", "bw_limit_tok_s", "b1_fraction_of_bw_limit"):
+        out[key] = round(statistics.median(r[key] for r in runs), 4)
+    out["decode_tok_s"] = {b: round(statistics.median(r["decode_tok_s"][b] for r in runs), 2)
+                           for b in runs[0]["decode_tok_s"]}
+    out["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
+    out["runs"] = [{k: r[k] for k in ("load_s", "prefill_tok_s", "ttft_s", "decode_tok_s", "peak_rss_gib",
+                                      "b1_fraction_of_bw_limit")} for r in runs]
+    return out
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -308,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated: " + ", ".join(ENGINES))
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--repeat", type=int, default=3, help="rounds of every engine; figures are medians")
     p.add_argument("--name", help="results file name part (default: the checkpoint folder's name)")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -328,40 +348,51 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = prepare_checkpoint(args)
     config = ModelConfig.from_file(checkpoint / "config.json")
     load_avg = os.getloadavg()
-    bandwidth = memory_bandwidth_gbs(args.threads)
-    print(f"memory read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads); "
-          f"load average before: {load_avg[0]:.2f}", flush=True)
     batches = [1, 8]
     job = {"checkpoint": str(checkpoint), "threads": args.threads, "seed": 0, "batches": batches,
            "decode_steps": args.decode_steps, "prompt": random_prompts(1, args.prompt_tokens, 0)[0],
            "decode_prompts": {str(b): random_prompts(b, min(args.prompt_tokens, DECODE_CONTEXT), 0)
                               for b in batches}}
     results: dict[str, dict[str, Any]] = {}
-    for engine in engines:
-        if engine == "llama.cpp":
-            try:
-                job["gguf"] = str(convert_to_gguf(checkpoint))
-            except ImportError:
-                results[engine] = {"skipped": f"llama-cpp-python is not installed: {LLAMA_INSTALL}"}
-            except subprocess.CalledProcessError as e:
-                results[engine] = {"skipped": f"GGUF conversion failed: {e}"}
-            if "skipped" in results.get(engine, {}):
-                print(f"[llama.cpp] skipped: {results[engine]['skipped']}", flush=True)
+    if "llama.cpp" in engines:
+        try:
+            job["gguf"] = str(convert_to_gguf(checkpoint))
+        except ImportError:
+            results["llama.cpp"] = {"skipped": f"llama-cpp-python is not installed: {LLAMA_INSTALL}"}
+        except subprocess.CalledProcessError as e:
+            results["llama.cpp"] = {"skipped": f"GGUF conversion failed: {e}"}
+        if "skipped" in results.get("llama.cpp", {}):
+            print(f"[llama.cpp] skipped: {results['llama.cpp']['skipped']}", flush=True)
+    # Rounds of every engine in turn: this machine's memory bandwidth drifts over minutes, so
+    # one run each can compare a fast moment with a slow one; the medians of rounds do not.
+    runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines if e not in results}
+    bandwidths = []
+    for round_ in range(args.repeat):
+        bandwidth = memory_bandwidth_gbs(args.threads)
+        bandwidths.append(bandwidth)
+        print(f"round {round_ + 1}/{args.repeat}: memory read bandwidth {bandwidth:.1f} GB/s "
+              f"({args.threads} threads); load average {os.getloadavg()[0]:.2f}", flush=True)
+        for engine in [e for e in runs if e not in results]:
+            r = run_worker(engine, job)
+            if "skipped" in r:
+                results[engine] = r
+                print(f"[{engine}] skipped: {r['skipped']}", flush=True)
                 continue
-        results[engine] = r = run_worker(engine, job)
-        if "skipped" in r:
-            print(f"[{engine}] skipped: {r['skipped']}", flush=True)
-            continue
-        per_token = decode_bytes_per_token(config, EXPERT_BYTES[engine], min(args.prompt_tokens, DECODE_CONTEXT))
-        r["decode_bytes_per_token"] = round(per_token)
-        r["bw_limit_tok_s"] = round(bandwidth * 1e9 / per_token, 2)
-        r["b1_fraction_of_bw_limit"] = round(r["decode_tok_s"]["1"] / r["bw_limit_tok_s"], 4)
-        print(f"[{engine}] {json.dumps(r)}", flush=True)
+            per_token = decode_bytes_per_token(config, EXPERT_BYTES[engine], min(args.prompt_tokens, DECODE_CONTEXT))
+            r["decode_bytes_per_token"] = round(per_token)
+            r["bw_limit_tok_s"] = round(bandwidth * 1e9 / per_token, 2)
+            r["b1_fraction_of_bw_limit"] = round(r["decode_tok_s"]["1"] / r["bw_limit_tok_s"], 4)
+            runs[engine].append(r)
+            print(f"[{engine}] {json.dumps(r)}", flush=True)
+    for engine, rs in runs.items():
+        if engine not in results:
+            results[engine] = median_of_runs(rs)
+    bandwidth = statistics.median(bandwidths)
 
     print(f"\n{checkpoint.name}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_experts} experts; prompt {args.prompt_tokens} tokens, {args.decode_steps} decode "
           f"steps after {min(args.prompt_tokens, DECODE_CONTEXT)}-token prompts; {args.threads} threads; "
-          f"bandwidth {bandwidth:.1f} GB/s\n")
+          f"bandwidth {bandwidth:.1f} GB/s; medians of {args.repeat} rounds\n")
     print_table(results)
     rat = ratios(results)
     for name, rr in rat.items():
@@ -371,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint": str(checkpoint), "config": config.to_dict(), "prompt_tokens": args.prompt_tokens,
         "decode_steps": args.decode_steps, "decode_context": min(args.prompt_tokens, DECODE_CONTEXT),
         "threads": args.threads, "cpu_count": os.cpu_count(), "load_average_before": load_avg,
-        "memory_bandwidth_gbs": round(bandwidth, 2), "note": args.note,
+        "memory_bandwidth_gbs": round(bandwidth, 2), "bandwidth_per_round_gbs": [round(b, 2) for b in bandwidths],
+        "repeat": args.repeat, "note": args.note,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results, "ratios": rat})
     print(f"\nwrote {out}")
 
