@@ -1,9 +1,9 @@
 """Fast CPU kernels behind a small interface; the plain PyTorch code in ossgpt/model.py and
 ossgpt/mxfp4.py is the reference they are tested against (tests/test_kernels.py).
 
-The C++ sources (mxfp4_cpu.cpp, linear_cpu.cpp, bf16_gemm.h) are compiled on first use with torch.utils.cpp_extension
-(about a minute; cached under ~/.cache/torch_extensions). Without a compiler, or with
-OSSGPT_KERNELS=0, `cpu_kernels()` is None and the model runs the plain path.
+The C++ sources (mxfp4_cpu.cpp, linear_cpu.cpp, bf16_gemm.h) are compiled on first use with
+torch.utils.cpp_extension (about a minute; cached under ~/.cache/torch_extensions). Without a
+compiler, or with OSSGPT_KERNELS=0, `cpu_kernels()` is None and the model runs the plain path.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def cpu_kernels() -> ModuleType | None:
         # torch rebuilds when a source or flag changes; the header's hash as a flag covers it too
         header = hashlib.sha1((_DIR / "bf16_gemm.h").read_bytes()).hexdigest()[:12]
         flags = ["-O3", "-march=native", "-fopenmp", f"-DOSSGPT_HEADER_{header}"]
-        _loaded = load(name="ossgpt_cpu_kernels", sources=[str(p) for p in _SOURCES], extra_cflags=flags,
-                       extra_ldflags=["-fopenmp"], verbose=False)
+        _loaded = load(name="ossgpt_cpu_kernels", sources=[str(p) for p in _SOURCES],
+                       extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no headers: the plain path still works
         _failed = True
         warnings.warn(f"ossgpt: CPU kernels unavailable, using the plain PyTorch path ({e})")
