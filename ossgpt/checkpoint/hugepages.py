@@ -27,6 +27,7 @@ import torch
 MIN_BYTES = 1 << 20     # smaller tensors stay in cache between tokens anyway
 _HUGE_PAGE = 2 << 20
 _MADV_DONTNEED = 4
+_CHUNK = 32 << 20       # bytes copied between releases of the source's pages
 _enabled: bool | None = None
 
 
@@ -63,8 +64,10 @@ def move_experts(checkpoint_bytes: int) -> bool:
     return checkpoint_bytes <= 0.8 * available
 
 
-def copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of CPU tensor t in anonymous memory advised for huge pages."""
+def copy(t: torch.Tensor, release_source: bool = False) -> torch.Tensor:
+    """A contiguous copy of CPU tensor t in anonymous memory advised for huge pages; with
+    `release_source` (t a view of a file mapping), t's pages are released as the copy passes
+    them, so resident memory never holds both whole."""
     nbytes = t.numel() * t.element_size()
     # Private: shared anonymous memory is shmem, which takes huge pages only if shmem_enabled says
     buf = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -73,7 +76,16 @@ def copy(t: torch.Tensor) -> torch.Tensor:
     start = -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % _HUGE_PAGE
     out = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=start)  # keeps buf alive
     out = out.view(t.dtype).view(t.shape)
-    out.copy_(t)
+    if not (release_source and t.is_contiguous()):
+        out.copy_(t)
+        if release_source:
+            release(t)
+        return out
+    src, dst = t.view(-1), out.view(-1)
+    step = max(1, _CHUNK // t.element_size())
+    for i in range(0, src.numel(), step):
+        dst[i:i + step].copy_(src[i:i + step])
+        release(src[i:i + step])
     return out
 
 

@@ -236,9 +236,11 @@ def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Tr
         if t.dtype != torch.uint8:
             t = t.to(torch.float32 if _keep_float32(ours) else dtype)
         if device.type == "cpu" and _streamed_by_decode(ours, t, experts_too) and hugepages.enabled():
-            t = hugepages.copy(t)
-            if ours not in vocab_tables:     # a view of the file mapping, not needed any more
+            mapped = ours not in vocab_tables    # a view of the file mapping, not needed after
+            moved = hugepages.copy(t, release_source=mapped and t is stored)
+            if mapped and t is not stored:
                 hugepages.release(stored)
+            t = moved
         state[ours] = t.to(device)
     return state
 
