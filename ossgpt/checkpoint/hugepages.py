@@ -17,6 +17,7 @@ nothing.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import sys
@@ -98,5 +99,10 @@ def release(t: torch.Tensor) -> None:
     first = -(-t.data_ptr() // page) * page
     last = (t.data_ptr() + span) // page * page
     if last > first:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first),
-                                  ctypes.c_int(_MADV_DONTNEED))
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(_MADV_DONTNEED))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """This process's C library (Linux only): madvise on memory Python did not map itself."""
+    return ctypes.CDLL(None)

@@ -276,8 +276,8 @@ struct Operand {
     data = torch::zeros({P, stride}, torch::TensorOptions().dtype(f32 ? torch::kFloat32 : torch::kInt16));
   }
 
-  const uint16_t* bf16_row(int64_t i) const {
-    return reinterpret_cast<const uint16_t*>(data.data_ptr<int16_t>()) + i * stride;
+  uint16_t* bf16_row(int64_t i) const {
+    return reinterpret_cast<uint16_t*>(data.data_ptr<int16_t>()) + i * stride;
   }
 
   // Write row i from K floats, reordered so each packed nibble meets its input (see the kernels).
@@ -291,7 +291,7 @@ struct Operand {
         }
       return;
     }
-    uint16_t* dst = const_cast<uint16_t*>(bf16_row(i));
+    uint16_t* dst = bf16_row(i);
     if (layout == Layout::Bf16Plain) {
       for (int64_t c = 0; c < K; ++c) dst[c] = c10::BFloat16(src[c]).x;   // round to nearest even
       return;
@@ -471,7 +471,7 @@ torch::Tensor moe_forward(torch::Tensor x, torch::Tensor indices, torch::Tensor 
 }
 
 // blocks (..., G, 16) u8, scales (..., G) u8 -> bfloat16 (..., G * 32): the plain dequantize,
-// threaded, for the prefill path that multiplies many tokens by one expert.
+// threaded, for the plain path (LoRA-wrapped and float experts) that multiplies by whole experts.
 torch::Tensor dequantize_bf16(torch::Tensor blocks, torch::Tensor scales) {
   blocks = blocks.contiguous(); scales = scales.contiguous();
   auto sizes = scales.sizes().vec();
