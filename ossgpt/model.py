@@ -37,8 +37,9 @@ class RMSNorm(nn.Module):
 # The fast CPU kernels (ossgpt/kernels): the fused MXFP4 experts read each routed expert once,
 # packed, where the plain path first writes a dequantized copy (2x to 13x faster, measured from
 # 256 down to 8 tokens a layer); decode's bf16 matrix-vector products read their weights at
-# memory speed; prefill attention runs PyTorch's flash kernel (5x the plain einsums at 512
-# tokens). False runs the plain path everywhere: the reference the tests compare them with.
+# memory speed; decode's norm, q/k/v and rotary embedding are one call, its attention another;
+# prefill attention runs PyTorch's flash kernel (5x the plain einsums at 512 tokens). False runs
+# the plain path everywhere: the reference the tests compare them with.
 USE_KERNELS = True
 
 
@@ -138,11 +139,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
-        h = self.norm(x)
-        q = self.q_proj(h).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = kernels.attention_inputs(x, self, cos, sin) if USE_KERNELS else None
+        if qkv is None:
+            h = self.norm(x)
+            q = self.q_proj(h).view(B, T, self.n_heads, self.head_dim)
+            k = self.k_proj(h).view(B, T, self.n_kv_heads, self.head_dim)
+            v = self.v_proj(h).view(B, T, self.n_kv_heads, self.head_dim)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:
+            q, k, v = qkv
         k_pos = positions
         if cache is not None:
             k, v, k_pos = cache.update(k, v, positions)                  # (B, S, K, D), (B, S)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ossgpt
 from ossgpt import kernels, model, mxfp4
@@ -155,7 +156,61 @@ def test_flash_attention_with_sinks_equals_plain():
         plain = model.sdpa_with_sinks(q, k, v, sinks, mask, 0.25)
         assert fast is not None and torch.isfinite(fast).all()
         assert (fast - plain).abs().max() <= 1e-5 * plain.abs().max()
-    assert kernels.attention(q[:, :1], k, v, sinks, mask[:, :1], 0.25) is None   # decode: einsums
+
+
+@pytest.mark.parametrize("D", [64, 16])
+@torch.inference_mode()
+def test_decode_attention_equals_plain(D):
+    """Decode attention (one new token per sequence) in bf16 against model.sdpa_with_sinks on
+    the same bf16 inputs in float32: one rounding to bf16 apart. The keys are a cache's strided
+    view; one row is left-padded, one has no key to attend (the sink takes all: output 0);
+    150 keys, past a 128-token window and without one; 8 and 2 query heads per key head."""
+    g = torch.Generator().manual_seed(D)
+    B, S, K = 3, 150, 2
+    storage = torch.randn(2, B, 256, K, D, generator=g).bfloat16()
+    k, v = storage[0, :, :S], storage[1, :, :S]                     # strided, as KVCache gives
+    positions = torch.arange(S).expand(B, S).clone()
+    positions[1, :40] = -1
+    positions[2] = -1
+    q_pos = torch.full((B, 1), S)
+    for H in (16, 4):
+        q = torch.randn(B, 1, H, D, generator=g).bfloat16()
+        sinks = torch.randn(H, generator=g)
+        for window in (128, None):
+            mask = model.attention_mask(q_pos, positions, window)
+            fast = kernels.attention(q, k, v, sinks, mask, D**-0.5)
+            truth = model.sdpa_with_sinks(q.float(), k.float(), v.float(), sinks, mask, D**-0.5)
+            assert fast is not None and fast.dtype == torch.bfloat16 and fast.shape == q.shape
+            assert ((fast.float() - truth).abs() <= truth.abs() * 2**-8 + 1e-6).all()
+            assert (fast[2] == 0).all()
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+@torch.inference_mode()
+def test_attention_inputs_equal_plain_modules(tiny_config, batch):
+    """Decode's fused norm, q/k/v products and rotary embedding against the plain modules, bf16:
+    the same roundings, so equal but for a rare last-bit flip (a float32 sum in another order
+    crossing a bf16 rounding boundary). Head dim 64; 1-4 and 5-8 token rows take two kernels."""
+    config = dataclasses.replace(tiny_config, hidden_size=96, head_dim=64)
+    g = torch.Generator().manual_seed(batch)
+    attn = model.Attention(config, 0).bfloat16()
+    for p in attn.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(batch, 1, 96, generator=g).bfloat16()
+    positions = torch.randint(0, 5000, (batch, 1), generator=g)
+    cos, sin = model.rope_cos_sin(positions, config)
+    fused = kernels.attention_inputs(x, attn, cos, sin)
+    h = attn.norm(x)
+    plain = (model.apply_rope(F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(batch, 1, 4, 64), cos, sin),
+             model.apply_rope(F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(batch, 1, 2, 64), cos, sin),
+             F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(batch, 1, 2, 64))
+    assert fused is not None
+    for f, p in zip(fused, plain):
+        assert f.shape == p.shape and f.dtype == torch.bfloat16
+        close = (f.float() - p.float()).abs() <= p.float().abs() * 2**-7 + 1e-3
+        assert close.float().mean() >= 0.99 and ((f.float() - p.float()).abs() <= p.float().abs() * 0.05 + 0.05).all()
+    nine = torch.zeros(9, 1, 32)
+    assert kernels.attention_inputs(torch.randn(9, 1, 96).bfloat16(), attn, nine, nine) is None  # > 8 rows
 
 
 def test_dequantize_bf16_bit_exact_for_every_scale():

@@ -1,9 +1,9 @@
 """Fast CPU kernels behind a small interface; the plain PyTorch code in ossgpt/model.py and
 ossgpt/mxfp4.py is the reference they are tested against (tests/test_kernels.py).
 
-The C++ sources (mxfp4_cpu.cpp, linear_cpu.cpp, bf16_gemm.h) are compiled on first use with
-torch.utils.cpp_extension (about a minute; cached under ~/.cache/torch_extensions). Without a
-compiler, or with OSSGPT_KERNELS=0, `cpu_kernels()` is None and the model runs the plain path.
+The C++ sources (mxfp4_cpu.cpp, linear_cpu.cpp, attention_cpu.cpp, bindings.cpp and their
+headers) are compiled on first use with torch.utils.cpp_extension (about a minute; cached under
+~/.cache/torch_extensions). Without a compiler, or with OSSGPT_KERNELS=0, `cpu_kernels()` is None and the model runs the plain path.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / "mxfp4_cpu.cpp", _DIR / "linear_cpu.cpp"]
+_SOURCES = [_DIR / f for f in ("bindings.cpp", "mxfp4_cpu.cpp", "linear_cpu.cpp", "attention_cpu.cpp")]
 _loaded: ModuleType | None = None
 _failed = False
 
@@ -32,8 +32,8 @@ def cpu_kernels() -> ModuleType | None:
         return None
     try:
         from torch.utils.cpp_extension import load
-        # torch rebuilds when a source or flag changes; the header's hash as a flag covers it too
-        header = hashlib.sha1((_DIR / "bf16_gemm.h").read_bytes()).hexdigest()[:12]
+        # torch rebuilds when a source or flag changes; the headers' hash as a flag covers them too
+        header = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(_DIR.glob("*.h")))).hexdigest()[:12]
         flags = ["-O3", "-march=native", "-fopenmp", f"-DOSSGPT_HEADER_{header}"]
         _loaded = load(name="ossgpt_cpu_kernels", sources=[str(p) for p in _SOURCES],
                        extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
@@ -56,8 +56,8 @@ def moe(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts,
     if ext is None:
         return None
     return ext.moe_forward(x if x.dtype == torch.bfloat16 else x.float(), indices, gates.float(),
-                           experts.mlp1_blocks, experts.mlp1_scales, experts.mlp1_bias.float(),
-                           experts.mlp2_blocks, experts.mlp2_scales, experts.mlp2_bias.float(),
+                           experts.mlp1_blocks, experts.mlp1_scales, experts.mlp1_bias,
+                           experts.mlp2_blocks, experts.mlp2_scales, experts.mlp2_bias,
                            float(limit), float(alpha))
 
 
@@ -85,18 +85,50 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def attention_inputs(x: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor):
+    """Attention's q, k, v for up to 8 tokens of bf16 x (B, T, C) in one call (RMSNorm, the three
+    products, the rotary embedding of q and k), or None where it does not apply (then the
+    plain modules run: adapters wrapping the projections, gradients, not the CPU)."""
+    from .. import model   # the module types the plain path is made of (model imports kernels)
+    B, T, C = x.shape
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or B * T > 8 or C % 32
+            or any(type(p) is not model.Linear or p.bias is None or p.weight.dtype != torch.bfloat16
+                   for p in projections)
+            or type(attn.norm) is not model.RMSNorm or torch.is_grad_enabled()):
+        return None
+    ext = cpu_kernels()
+    if ext is None or not hasattr(ext, "qkv_rope_bf16"):
+        return None
+    H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    out = ext.qkv_rope_bf16(x.reshape(B * T, C), attn.norm.weight, attn.norm.eps,
+                            [p.weight for p in projections], [p.bias for p in projections],
+                            cos.reshape(B * T, -1).float(), sin.reshape(B * T, -1).float(), H + K)
+    q, k, v = out.view(B, T, -1).split([H * D, K * D, K * D], dim=-1)
+    return q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
               mask: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """model.sdpa_with_sinks for prefill on the CPU through PyTorch's flash attention, or None
-    where it does not apply (one query token, not the CPU, gradients wanted).
+    """model.sdpa_with_sinks on the CPU, or None where no kernel applies (not the CPU, gradients
+    wanted, kernels unavailable). Prefill goes through PyTorch's flash attention, decode (one
+    new token per sequence) through ours.
 
     The flash kernel has no sinks, but it returns each row's log-sum-exp: a sink logit s adds
     e**s to the softmax's denominator and nothing to its numerator, so the output with the sink
     is the output without it times Z / (Z + e**s) = sigmoid(lse - s)."""
     B, T, H, D = q.shape
+    if q.device.type != "cpu" or torch.is_grad_enabled() and (q.requires_grad or sinks.requires_grad):
+        return None
+    if T == 1:
+        ext = cpu_kernels()
+        if (ext is None or not hasattr(ext, "decode_attention") or q.dtype != torch.bfloat16
+                or k.dtype != torch.bfloat16 or D % 16 or D > 128 or H // k.shape[2] > 8):
+            return None
+        return ext.decode_attention(q.view(B, H, D), k, v, sinks.float(), mask.view(B, -1),
+                                    scale).view(B, 1, H, D)
     flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if (T == 1 or flash is None or q.device.type != "cpu"
-            or torch.is_grad_enabled() and (q.requires_grad or sinks.requires_grad)):
+    if flash is None:
         return None
     G = H // k.shape[2]
     k = k.transpose(1, 2).repeat_interleave(G, dim=1)                   # (B, H, S, D)

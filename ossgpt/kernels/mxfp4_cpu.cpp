@@ -23,6 +23,7 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#include "vec_math.h"
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include "bf16_gemm.h"
@@ -308,8 +309,6 @@ struct Operand {
   }
 };
 
-float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
-
 // One job: rows [r0, r1) of one expert's matrix, for all the tokens routed to it (in tiles of
 // kMaxTokens, so the rows' packed weights stay in cache while each tile reads them).
 struct Job {
@@ -332,6 +331,16 @@ std::vector<Job> make_jobs(const std::vector<int64_t>& starts, int64_t R, int64_
     if (starts[e + 1] > starts[e])
       for (int64_t r = 0; r < R; r += chunk) jobs.push_back({e, r, std::min(R, r + chunk)});
   return jobs;
+}
+
+// The biases (E, R) of the experts in use as float32, the others left unset: converting a bf16
+// model's whole (E, R) bias on every call cost more than a decode step's other work here.
+torch::Tensor used_biases(const torch::Tensor& bias, const std::vector<int64_t>& starts) {
+  if (bias.dtype() == torch::kFloat32) return bias.contiguous();
+  auto out = torch::empty(bias.sizes(), bias.options().dtype(torch::kFloat32));
+  for (int64_t e = 0; e + 1 < (int64_t)starts.size(); ++e)
+    if (starts[e + 1] > starts[e]) out[e].copy_(bias[e]);
+  return out;
 }
 
 // y (P, R) = x @ W_e.T + b_e, each row of x multiplied by the expert its (token, slot) pair
@@ -384,14 +393,13 @@ torch::Tensor expert_matmul(const Operand& x, const std::vector<int64_t>& starts
 
 // x (N, C) float32 or bfloat16 (then the bf16 kernels run: the products are exact, the sums
 // float32); indices (N, k) int64; gates (N, k) float32; mlp1 (E, 2I, C/32, 16) u8 +
-// (E, 2I, C/32) u8 + bias (E, 2I) float32; mlp2 (E, C, I/32, 16) + (E, C, I/32) + (E, C).
+// (E, 2I, C/32) u8 + bias (E, 2I) of any float dtype; mlp2 (E, C, I/32, 16) + (E, C, I/32) + (E, C).
 // Returns sum_j gates[n, j] * expert_{indices[n, j]}(x[n]) as (N, C) float32.
 torch::Tensor moe_forward(torch::Tensor x, torch::Tensor indices, torch::Tensor gates,
                           torch::Tensor mlp1_blocks, torch::Tensor mlp1_scales, torch::Tensor mlp1_bias,
                           torch::Tensor mlp2_blocks, torch::Tensor mlp2_scales, torch::Tensor mlp2_bias,
                           double limit, double alpha) {
-  TORCH_CHECK(gates.dtype() == torch::kFloat32 && mlp1_bias.dtype() == torch::kFloat32 &&
-              mlp2_bias.dtype() == torch::kFloat32, "moe_forward: gates and biases must be float32");
+  TORCH_CHECK(gates.dtype() == torch::kFloat32, "moe_forward: gates must be float32");
   TORCH_CHECK(indices.dtype() == torch::kInt64 && mlp1_blocks.dtype() == torch::kUInt8 &&
               mlp2_blocks.dtype() == torch::kUInt8, "moe_forward: bad index or weight dtype");
 #ifdef OSSGPT_BF16_KERNEL
@@ -403,7 +411,6 @@ torch::Tensor moe_forward(torch::Tensor x, torch::Tensor indices, torch::Tensor 
   indices = indices.contiguous(); gates = gates.contiguous();
   mlp1_blocks = mlp1_blocks.contiguous(); mlp1_scales = mlp1_scales.contiguous();
   mlp2_blocks = mlp2_blocks.contiguous(); mlp2_scales = mlp2_scales.contiguous();
-  mlp1_bias = mlp1_bias.contiguous(); mlp2_bias = mlp2_bias.contiguous();
   const int64_t N = x.size(0), C = x.size(1), k = indices.size(1);
   const int64_t E = mlp1_blocks.size(0), R1 = mlp1_blocks.size(1), I = R1 / 2;
   TORCH_CHECK(C % 32 == 0 && I % 32 == 0 && mlp1_blocks.size(2) == C / 32 &&
@@ -419,6 +426,8 @@ torch::Tensor moe_forward(torch::Tensor x, torch::Tensor indices, torch::Tensor 
     ++starts[idx[p] + 1];
   }
   for (int64_t e = 0; e < E; ++e) starts[e + 1] += starts[e];
+  mlp1_bias = used_biases(mlp1_bias, starts);
+  mlp2_bias = used_biases(mlp2_bias, starts);
   std::vector<int64_t> order(P), fill(starts.begin(), starts.end() - 1);
   for (int64_t p = 0; p < P; ++p) order[fill[idx[p]]++] = p;
 
@@ -442,11 +451,15 @@ torch::Tensor moe_forward(torch::Tensor x, torch::Tensor indices, torch::Tensor 
   at::parallel_for(0, P, 16, [&](int64_t b, int64_t e) {
     std::vector<float> row(I);
     for (int64_t i = b; i < e; ++i) {
+#if defined(__AVX512F__)
+      ossgpt::swiglu_row(h1p + i * R1, I, lim, a, row.data());
+#else
       for (int64_t c = 0; c < I; ++c) {
         const float gate = std::min(h1p[i * R1 + 2 * c], lim);
         const float lin = std::clamp(h1p[i * R1 + 2 * c + 1], -lim, lim);
-        row[c] = gate * sigmoid(a * gate) * (lin + 1.f);
+        row[c] = gate / (1.f + std::exp(-a * gate)) * (lin + 1.f);
       }
+#endif
       h.set_row(i, row.data());
     }
   });
@@ -485,16 +498,4 @@ torch::Tensor dequantize_bf16(torch::Tensor blocks, torch::Tensor scales) {
     decode_blocks_bf16(b + g0 * 16, s + g0, g1 - g0, o + g0 * 32);
   });
   return out;
-}
-
-#ifdef OSSGPT_BF16_KERNEL
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias);  // linear_cpu.cpp
-#endif
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("moe_forward", &moe_forward, "fused MXFP4 mixture of experts (CPU)");
-  m.def("dequantize_bf16", &dequantize_bf16, "MXFP4 -> bfloat16 (CPU, threaded)");
-#ifdef OSSGPT_BF16_KERNEL
-  m.def("linear_bf16", &linear_bf16, "bf16 matrix-vector products for decode (CPU)");
-#endif
 }
