@@ -149,8 +149,8 @@ void rows_matmul(const uint8_t* blocks, const uint8_t* scales, int64_t G, const 
 // The bf16 version for bf16 models: weights become bf16 in registers (exact) and vdpbf16ps
 // multiplies 32 pairs per instruction. Blocks go four at a time (64 bytes, one 128-bit lane
 // each). Shuffles limit this loop, so each 16-bit word's four nibbles are shifted into place and
-// looked up in a word table by vpermw (4 shuffles per quad; byte tables and unpacks took 8, 10%
-// slower): vector i holds, in word j, element 4 (j % 8) + i of block j / 8.
+// looked up in a word table by vpermw (4 shuffles per quad; byte tables and unpacks took 8, and
+// were 15% slower): vector i holds, in word j, element 4 (j % 8) + i of block j / 8.
 // x is laid out the same way (Operand::set_row); a last partial quad is loaded masked (zeros).
 
 // Lanes of a quad's scale vector: 4 fp32 lanes per block (vdpbf16ps sums pairs of 16-bit lanes).
@@ -178,12 +178,11 @@ template <int M>
 void rows_matmul_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t G, const uint16_t* x,
                       float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
   const int64_t Kp = quads(G) * 128;            // x's padded row length
-  // The bf16 bits of each E2M1 code, a word table for vpermw.
+  // The bf16 bits of each E2M1 code, a word table for vpermw (twice: 32 entries).
   const __m512i lut = _mm512_broadcast_i64x4(_mm256_setr_epi16(
       0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
       (short)0x8000, (short)0xBF00, (short)0xBF80, (short)0xBFC0, (short)0xC000, (short)0xC040,
       (short)0xC080, (short)0xC0C0));
-  const __m512i low4 = _mm512_set1_epi16(0x0F);
   // Rows x tokens accumulators must fit the 32 vector registers. Up to 4 tokens (decode) go row
   // by row: the weights then stream through memory in order, which the hardware prefetcher
   // follows best (4 rows at once split it into interleaved streams: batch-8 decode's experts
@@ -202,10 +201,12 @@ void rows_matmul_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t G, c
         const __m512i spread = _mm512_load_si512(kQuadLanes[q]);
         for (int i = 0; i < R; ++i) {
           const __m512i v = _mm512_maskz_loadu_epi8(bytes, blocks + ((r + i) * G + g) * 16);
-          // word j of the quad holds block j / 8's elements 4 (j % 8) .. 4 (j % 8) + 3, a nibble each
-          const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low4), lut);
-          const __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), lut);
-          const __m512bh w2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 8), low4), lut);
+          // word j of the quad holds block j / 8's elements 4 (j % 8) .. 4 (j % 8) + 3, a nibble
+          // each; vpermw reads an index's low 5 bits, and the table repeats after 16, so the
+          // bit above each nibble needs no mask
+          const __m512bh w0 = (__m512bh)_mm512_permutexvar_epi16(v, lut);
+          const __m512bh w1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
+          const __m512bh w2 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
           const __m512bh w3 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
           const __m512 scale = _mm512_permutexvar_ps(spread, s16[i]);
           for (int m = 0; m < M; ++m) {
@@ -286,19 +287,26 @@ struct Operand {
         }
       return;
     }
+#ifdef OSSGPT_BF16_KERNEL
     uint16_t* dst = bf16_row(i);
+    const auto to_bf16 = [](const float* from, uint16_t* to) {   // 32 floats, nearest even
+      _mm256_storeu_si256((__m256i*)to, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(from)));
+      _mm256_storeu_si256((__m256i*)(to + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(from + 16)));
+    };
     if (layout == Layout::Bf16Plain) {
-      for (int64_t c = 0; c < K; ++c) dst[c] = c10::BFloat16(src[c]).x;   // round to nearest even
+      for (int64_t c = 0; c < K; c += 32) to_bf16(src + c, dst + c);
       return;
     }
     // per quad of blocks, four vectors of 32: vector i's word j holds element 4 (j % 8) + i of
     // block j / 8 (the padding stays zero)
     for (int64_t g = 0; g < K / 32; ++g) {
       const int64_t quad = g / 4, L = g % 4;
+      uint16_t block[32];
+      to_bf16(src + g * 32, block);
       for (int i = 0; i < 4; ++i)
-        for (int t = 0; t < 8; ++t)
-          dst[quad * 128 + i * 32 + L * 8 + t] = c10::BFloat16(src[g * 32 + 4 * t + i]).x;
+        for (int t = 0; t < 8; ++t) dst[quad * 128 + i * 32 + L * 8 + t] = block[4 * t + i];
     }
+#endif
   }
 };
 
