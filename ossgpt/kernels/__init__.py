@@ -3,7 +3,8 @@ ossgpt/mxfp4.py is the reference they are tested against (tests/test_kernels.py)
 
 The C++ sources (mxfp4_cpu.cpp, linear_cpu.cpp, attention_cpu.cpp, bindings.cpp and their
 headers) are compiled on first use with torch.utils.cpp_extension (about a minute; cached under
-~/.cache/torch_extensions). Without a compiler, or with OSSGPT_KERNELS=0, `cpu_kernels()` is None and the model runs the plain path.
+~/.cache/torch_extensions). Without a compiler, or with OSSGPT_KERNELS=0, `cpu_kernels()` is
+None and the model runs the plain path.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def attention_inputs(x: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor
     if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or B * T > 8 or C % 32
             or any(type(p) is not model.Linear or p.bias is None or p.weight.dtype != torch.bfloat16
                    for p in projections)
-            or type(attn.norm) is not model.RMSNorm or torch.is_grad_enabled()):
+            or type(attn.norm) is not model.RMSNorm
+            or torch.is_grad_enabled()
+            and (x.requires_grad or any(p.requires_grad for p in attn.parameters()))):
         return None
     ext = cpu_kernels()
     if ext is None or not hasattr(ext, "qkv_rope_bf16"):
