@@ -38,7 +38,8 @@ void head_group(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t
   for (int g = 0; g < G; ++g)
     for (int j = 0; j < DV; ++j) qv[g][j] = load(q + g * D, j);
   // scores: exact bf16 products, float32 sums (as the plain path's float32 einsum)
-  std::vector<float> top(G, -INFINITY);
+  float top[8];
+  std::fill(top, top + G, -INFINITY);
   for (int64_t s = 0; s < S; ++s) {
     if (!mask[s]) {
       for (int g = 0; g < G; ++g) scores[g * S + s] = -INFINITY;
@@ -55,7 +56,7 @@ void head_group(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t
     }
   }
   // softmax with the sink as one more logit that takes probability and gives no value
-  std::vector<float> inv(G);
+  float inv[8];
   for (int g = 0; g < G; ++g) {
     const float m = std::max(top[g], sinks[g]);
     float* row = scores.data() + g * S;

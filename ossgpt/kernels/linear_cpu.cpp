@@ -52,6 +52,9 @@ void bf16_rows(const uint16_t* w, const uint16_t* x, int64_t K, const uint16_t* 
   }
 }
 
+// Row ranges of at least 64 KiB of weights: enough work per task to keep the threads fed.
+inline int64_t row_grain(int64_t K) { return std::max<int64_t>(4, (64 << 10) / (K * 2)); }
+
 // out[m, r] for N <= 8 tokens and rows [r0, r1) of W.
 void bf16_product(int N, const uint16_t* w, const uint16_t* x, int64_t K, const uint16_t* bias,
                   uint16_t* out, int64_t ldo, int64_t r0, int64_t r1) {
@@ -94,9 +97,7 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<t
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const auto* bp = b.defined() ? reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>()) : nullptr;
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  // Row ranges of at least 64 KiB of weights: enough work per task to keep the threads fed.
-  const int64_t grain = std::max<int64_t>(4, (64 << 10) / (K * 2));
-  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, R, row_grain(K), [&](int64_t r0, int64_t r1) {
     bf16_product((int)N, wp, xp, K, bp, op, R, r0, r1);
   });
   return out;
@@ -120,13 +121,14 @@ torch::Tensor qkv_rope_bf16(torch::Tensor x, torch::Tensor norm_weight, double e
   // RMSNorm as model.RMSNorm: float32 x * rsqrt(mean(x**2) + eps), times the weight, to bf16
   auto h = torch::empty({N, C}, x.options());
   const auto w = norm_weight.to(torch::kFloat32).contiguous();
+  const float* wn = w.data_ptr<float>();
   for (int64_t m = 0; m < N; ++m) {
     const c10::BFloat16* xr = x.data_ptr<at::BFloat16>() + m * C;
+    c10::BFloat16* hr = h.data_ptr<at::BFloat16>() + m * C;
     float ss = 0.f;
     for (int64_t c = 0; c < C; ++c) ss += float(xr[c]) * float(xr[c]);
     const float r = 1.f / std::sqrt(ss / C + (float)eps);
-    for (int64_t c = 0; c < C; ++c)
-      h.data_ptr<at::BFloat16>()[m * C + c] = c10::BFloat16(float(xr[c]) * r * w.data_ptr<float>()[c]);
+    for (int64_t c = 0; c < C; ++c) hr[c] = c10::BFloat16(float(xr[c]) * r * wn[c]);
   }
   int64_t starts[4] = {0, 0, 0, 0};
   const uint16_t* wp[3];
@@ -145,8 +147,7 @@ torch::Tensor qkv_rope_bf16(torch::Tensor x, torch::Tensor norm_weight, double e
   auto out = torch::empty({N, R}, x.options());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const auto* hp = reinterpret_cast<const uint16_t*>(h.data_ptr<at::BFloat16>());
-  const int64_t grain = std::max<int64_t>(4, (64 << 10) / (C * 2));
-  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
     for (int j = 0; j < 3; ++j) {   // the part of [r0, r1) in weight j
       const int64_t a = std::max(r0, starts[j]), b = std::min(r1, starts[j + 1]);
       if (a < b)
@@ -156,9 +157,10 @@ torch::Tensor qkv_rope_bf16(torch::Tensor x, torch::Tensor norm_weight, double e
   // rotate each head's halves: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
+  c10::BFloat16* rows = out.data_ptr<at::BFloat16>();
   for (int64_t m = 0; m < N; ++m)
     for (int64_t head = 0; head < rope_heads; ++head) {
-      c10::BFloat16* y = out.data_ptr<at::BFloat16>() + m * R + head * D;
+      c10::BFloat16* y = rows + m * R + head * D;
       for (int64_t i = 0; i < D / 2; ++i) {
         const float x1 = y[i], x2 = y[i + D / 2], c = cp[m * D / 2 + i], s = sp[m * D / 2 + i];
         y[i] = c10::BFloat16(x1 * c - x2 * s);
