@@ -8,6 +8,8 @@ between) on the same token ids: a random prompt of --prompt-tokens for load time
 tokens/s and time to first token, then --decode-steps greedy steps after 128-token prompts per
 batch size (as `ossgpt bench`, ossgpt/bench.py, which the ossgpt row uses as it is).
 
+- ossgpt holds the dense weights in its lossless 12-bit packed form (ossgpt/packed_bf16.py), as
+  its CLI does; the optional engine `ossgpt-bf16` measures it with them plain bf16.
 - transformers: GptOssForCausalLM in bf16 with the MXFP4 experts dequantized at load (what it
   does on CPU anyway), run only when its bf16 size fits in the available memory.
 - llama.cpp: the PyPI package llama-cpp-python, built from source on this machine:
@@ -46,6 +48,7 @@ if TYPE_CHECKING:     # importing ossgpt imports torch: the llama.cpp worker sta
 
 CACHE = Path(os.environ.get("OSSGPT_BENCH_CACHE", Path.home() / ".cache" / "ossgpt-bench"))
 ENGINES = ("ossgpt", "transformers", "llama.cpp")
+OPTIONAL_ENGINES = ("ossgpt-bf16",)
 DECODE_CONTEXT = 128
 RESULT_TAG = "@@result "
 LLAMA_INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install llama-cpp-python'
@@ -127,21 +130,24 @@ def memory_bandwidth_gbs(threads: int, repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def decode_bytes_per_token(c: ModelConfig, expert_bytes_per_weight: float, context: int) -> float:
-    """Bytes one batch-1 decode step must read: every layer's attention (bf16 weights, biases,
-    sinks), KV cache, router, norms and its top-k experts (weights at `expert_bytes_per_weight`,
-    bf16 biases), then the final norm and the bf16 unembedding; plus one embedding row."""
+def decode_bytes_per_token(c: ModelConfig, expert_bytes_per_weight: float, context: int,
+                           dense_bytes_per_weight: float = 2.0) -> float:
+    """Bytes one batch-1 decode step must read: every layer's attention (weights at
+    `dense_bytes_per_weight`, bf16 biases, sinks), KV cache, router, norms and its top-k experts
+    (weights at `expert_bytes_per_weight`, bf16 biases), then the final norm and the
+    unembedding; plus one embedding row."""
     C, I, D, k = c.hidden_size, c.intermediate_size, c.head_dim, c.experts_per_token
     q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
-    attention = 2 * (C * q + 2 * C * kv + q * C + q + 2 * kv + C + c.num_attention_heads)
-    router = 2 * (c.num_experts * C + c.num_experts)
+    dense = dense_bytes_per_weight
+    attention = dense * (C * q + 2 * C * kv + q * C) + 2 * (q + 2 * kv + C + c.num_attention_heads)
+    router = dense * c.num_experts * C + 2 * c.num_experts
     experts = k * (3 * I * C * expert_bytes_per_weight + 2 * (2 * I + C))
     norms = 2 * 2 * C
     total = 0.0
     for kind in c.layer_types:
         cached = min(context, c.sliding_window) if kind == "sliding_attention" else context
         total += attention + router + experts + norms + 2 * 2 * kv * cached
-    return total + 2 * C + 2 * c.vocab_size * C + 2 * C
+    return total + 2 * C + dense * c.vocab_size * C + 2 * C
 
 
 def bf16_model_bytes(c: ModelConfig) -> int:
@@ -162,8 +168,12 @@ def bench_ossgpt(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(job["threads"])
     r = bench.run(job["checkpoint"], len(job["prompt"]), job["decode_steps"], tuple(job["batches"]),
-                  dtype=torch.bfloat16, seed=job["seed"])
+                  dtype=torch.bfloat16, seed=job["seed"], pack_dense=job.get("pack_dense", True))
     return r.to_dict()
+
+
+def bench_ossgpt_bf16(job: dict[str, Any]) -> dict[str, Any]:
+    return bench_ossgpt({**job, "pack_dense": False})
 
 
 def bench_transformers(job: dict[str, Any]) -> dict[str, Any]:
@@ -244,7 +254,8 @@ def bench_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
             "note": "batch > 1 not measured: llama_cpp.Llama decodes one sequence"}
 
 
-WORKERS = {"ossgpt": bench_ossgpt, "transformers": bench_transformers, "llama.cpp": bench_llama_cpp}
+WORKERS = {"ossgpt": bench_ossgpt, "ossgpt-bf16": bench_ossgpt_bf16, "transformers": bench_transformers,
+           "llama.cpp": bench_llama_cpp}
 def peak_rss_gib() -> float:
     """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over fork and exec, so a
     worker would report at least its parent's peak."""
@@ -252,7 +263,10 @@ def peak_rss_gib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
 
 
-EXPERT_BYTES = {"ossgpt": 17 / 32, "transformers": 2.0, "llama.cpp": 17 / 32}   # per expert weight
+# bytes per weight read by decode: experts, then the dense products (12-bit packed: 1.5 and a
+# per-row base and index, which this leaves out)
+EXPERT_BYTES = {"ossgpt": 17 / 32, "ossgpt-bf16": 17 / 32, "transformers": 2.0, "llama.cpp": 17 / 32}
+DENSE_BYTES = {"ossgpt": 1.5, "ossgpt-bf16": 2.0, "transformers": 2.0, "llama.cpp": 2.0}
 
 
 def run_worker(engine: str, job: dict[str, Any]) -> dict[str, Any]:
@@ -325,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=4, help="layers of the random checkpoint")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-steps", type=int, default=32)
-    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated: " + ", ".join(ENGINES))
+    p.add_argument("--engines", default=",".join(ENGINES),
+                   help="comma-separated: " + ", ".join(ENGINES + OPTIONAL_ENGINES))
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeat", type=int, default=3, help="rounds of every engine; figures are medians")
     p.add_argument("--name", help="results file name part (default: the checkpoint folder's name)")
@@ -339,8 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         print(RESULT_TAG + json.dumps(result), flush=True)
         return
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if unknown := set(engines) - set(ENGINES):
-        p.error(f"unknown engines {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+    if unknown := set(engines) - set(ENGINES + OPTIONAL_ENGINES):
+        p.error(f"unknown engines {sorted(unknown)}; choose from {', '.join(ENGINES + OPTIONAL_ENGINES)}")
 
     from ossgpt.bench import random_prompts
     from ossgpt.config import ModelConfig
@@ -378,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
                 results[engine] = r
                 print(f"[{engine}] skipped: {r['skipped']}", flush=True)
                 continue
-            per_token = decode_bytes_per_token(config, EXPERT_BYTES[engine], min(args.prompt_tokens, DECODE_CONTEXT))
+            per_token = decode_bytes_per_token(config, EXPERT_BYTES[engine], min(args.prompt_tokens, DECODE_CONTEXT),
+                                               DENSE_BYTES[engine] if r.get("packed_dense", True) else 2.0)
             r["decode_bytes_per_token"] = round(per_token)
             r["bw_limit_tok_s"] = round(bandwidth * 1e9 / per_token, 2)
             r["b1_fraction_of_bw_limit"] = round(r["decode_tok_s"]["1"] / r["bw_limit_tok_s"], 4)

@@ -3,8 +3,11 @@ the unembedding, each with the bytes it must read and the read speed that implie
 the machine's bandwidth that benchmarks/compare_engines.py measures).
 
     python benchmarks/decode_profile.py --model DIR [--steps 16] [--context 128] [--batch 1] [--plain]
+                                        [--no-pack-dense]
 
 --plain runs the plain PyTorch path (model.USE_KERNELS = False) instead of the fast kernels.
+--no-pack-dense keeps the dense weights plain bf16 (by default they are packed, as the CLI loads
+them: ossgpt/packed_bf16.py).
 --batch B decodes B sequences at once: the times are per step (B tokens), and the experts'
 bytes are those of the distinct experts the step's tokens route to (at most the layer's all).
 """
@@ -21,17 +24,24 @@ import ossgpt
 from ossgpt import model as model_module
 from ossgpt.bench import random_prompts
 from ossgpt.generate import decode_step, prefill
+from ossgpt.packed_bf16 import PackedLinear
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _module_bytes(module: torch.nn.Module) -> int:
+    """Its parameters' bytes, packed weights as stored."""
+    packed = [t for m in module.modules() if isinstance(m, PackedLinear) for t in m.packed.parts()]
+    return _nbytes(*module.parameters(), *packed)
+
+
 def bytes_per_step(net, batch: int = 1) -> dict[str, int]:
     """Weight bytes one decode step reads per part: k routed experts per layer and token, taken
     as distinct experts drawn uniformly at random for a batch (random weights route so)."""
     cfg = net.config
-    attn = sum(_nbytes(*b.attn.parameters()) for b in net.blocks)
+    attn = sum(_module_bytes(b.attn) for b in net.blocks)
     experts = 0
     for b in net.blocks:
         e = b.mlp.experts
@@ -40,8 +50,8 @@ def bytes_per_step(net, batch: int = 1) -> dict[str, int]:
         E = cfg.num_experts
         distinct = E * (1 - (1 - cfg.experts_per_token / E) ** batch)
         experts += int(_nbytes(*packed) * distinct / E)
-        experts += _nbytes(b.mlp.router.weight, b.mlp.norm.weight)
-    return {"attention": attn, "experts": experts, "unembedding": _nbytes(net.unembedding.weight)}
+        experts += _module_bytes(b.mlp.router) + _nbytes(b.mlp.norm.weight)
+    return {"attention": attn, "experts": experts, "unembedding": _module_bytes(net.unembedding)}
 
 
 @torch.inference_mode()
@@ -77,9 +87,10 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--plain", action="store_true")
+    ap.add_argument("--pack-dense", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     model_module.USE_KERNELS = not args.plain
-    net = ossgpt.load(args.model, dtype=torch.bfloat16)
+    net = ossgpt.load(args.model, dtype=torch.bfloat16, pack_dense=args.pack_dense and not args.plain)
     sizes = bytes_per_step(net, args.batch)
     seconds = profile(net, args.steps, args.context, args.batch)
     print(f"{'part':<12} {'ms/step':>9} {'MB read':>9} {'GB/s':>7}")
@@ -92,7 +103,8 @@ def main() -> None:
     print(f"{'total':<12} {seconds['total'] * 1e3:9.2f} {total_bytes / 1e6:9.1f} "
           f"{total_bytes / seconds['total'] / 1e9:7.1f}   ({args.batch / seconds['total']:.2f} tok/s, "
           f"batch {args.batch}, "
-          f"{torch.get_num_threads()} threads, {'plain' if args.plain else 'kernels'})")
+          f"{torch.get_num_threads()} threads, {'plain' if args.plain else 'kernels'}"
+          f"{', dense weights packed' if any(isinstance(m, PackedLinear) for m in net.modules()) else ''})")
 
 
 if __name__ == "__main__":

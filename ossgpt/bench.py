@@ -11,6 +11,7 @@ import torch
 
 from .generate import decode_step, prefill
 from .model import Transformer
+from .packed_bf16 import PackedLinear
 
 
 @dataclass
@@ -25,6 +26,7 @@ class BenchResult:
     ttft_s: float
     decode_tok_s: dict[int, float]     # batch size -> aggregate tokens/s
     peak_rss_gib: float
+    packed_dense: bool = False         # dense weights held in packed_bf16's 12-bit form
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -70,18 +72,20 @@ def decode_speed(model: Transformer, batch: int, context: int, steps: int, seed:
 def _touch(model: Transformer) -> None:
     """Read a byte of every page of the weights. Loading maps the checkpoint lazily; without
     this its reads from disk would land in the first prefill instead of the load time."""
-    for t in model.state_dict().values():
+    packed = [t for m in model.modules() if isinstance(m, PackedLinear) for t in m.packed.parts()]
+    for t in [*model.parameters(), *model.buffers(), *packed]:
         if t.device.type == "cpu" and t.numel():
             t.reshape(-1).view(torch.uint8)[::4096].sum()
 
 
 @torch.inference_mode()
 def run(ref: str, prompt_tokens: int = 512, decode_steps: int = 32, batches: tuple[int, ...] = (1, 8),
-        device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> BenchResult:
+        device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+        pack_dense: bool = True) -> BenchResult:
     from .checkpoint import load
 
     t0 = time.perf_counter()
-    model = load(ref, device=device, dtype=dtype, progress=False)
+    model = load(ref, device=device, dtype=dtype, progress=False, pack_dense=pack_dense)
     _touch(model)
     load_s = time.perf_counter() - t0
     prompt = random_prompts(1, prompt_tokens, seed)[0]
@@ -100,4 +104,5 @@ def run(ref: str, prompt_tokens: int = 512, decode_steps: int = 32, batches: tup
     return BenchResult(str(ref), str(model.device), str(dtype).removeprefix("torch."),
                        torch.get_num_threads(), round(load_s, 3), prompt_tokens,
                        round(prompt_tokens / prefill_s, 2), round(ttft, 4),
-                       {b: round(v, 2) for b, v in decode.items()}, round(_peak_rss_gib(), 3))
+                       {b: round(v, 2) for b, v in decode.items()}, round(_peak_rss_gib(), 3),
+                       any(isinstance(m, PackedLinear) for m in model.modules()))

@@ -10,7 +10,9 @@ from .errors import OssgptError
 DTYPES = ("bfloat16", "float32", "float16")
 
 
-def _load(model: str, device: str, dtype: str):
+def _load(model: str, device: str, dtype: str, pack_dense: bool = True):
+    """The model for a command; inference commands keep its dense weights packed on the CPU
+    (packed_bf16.py: lossless, faster decode), training and merging need them plain."""
     import torch
 
     from .checkpoint import load, resolve
@@ -19,7 +21,7 @@ def _load(model: str, device: str, dtype: str):
         raise OssgptError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     directory, fmt = resolve(model)
     print(f"Loading {directory} ({fmt} layout)", file=sys.stderr, flush=True)
-    return load(directory, device=device, dtype=getattr(torch, dtype), progress=True)
+    return load(directory, device=device, dtype=getattr(torch, dtype), progress=True, pack_dense=pack_dense)
 
 
 def _sampling(temperature: float, top_p: float, top_k: int, seed: int | None):
@@ -297,7 +299,7 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
     if len(problems) > 10 and rank == 0:
         print(f"... and {len(problems) - 10} more malformed lines skipped", file=sys.stderr)
     train, val = ft.split(chats, val_split, seed)
-    net = _load(model, "cpu", dtype)
+    net = _load(model, "cpu", dtype, pack_dense=False)
     torch.manual_seed(seed)
     if method == "lora":
         lora_cfg = LoraConfig(rank=lora_rank, alpha=lora_alpha,
@@ -349,7 +351,7 @@ def merge_adapter(adapter: str, output: str, model: str = "nano", layout: str = 
 
     if layout not in ("original", "hf"):
         raise OssgptError(f"--layout must be original or hf, got {layout!r}")
-    net = _load(model, "cpu", "float32")
+    net = _load(model, "cpu", "float32", pack_dense=False)
     load_adapter(net, adapter)
     report = merge(net)
     path = save(net, output, fmt=layout, progress=True)
@@ -360,7 +362,7 @@ def merge_adapter(adapter: str, output: str, model: str = "nano", layout: str = 
 
 def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
           batch: str = "1,8", device: str = "cpu", dtype: str = "bfloat16",
-          json_out: str | None = None) -> None:
+          pack_dense: bool = True, json_out: str | None = None) -> None:
     """Measure a checkpoint here: load time, prefill tokens/s, time to first token, decode
     tokens/s per batch size, peak memory. Prints a table (and JSON with --json-out).
 
@@ -370,6 +372,8 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
     batch: comma-separated decode batch sizes
     device: cpu, cuda, ...
     dtype: bfloat16, float32 or float16
+    pack_dense: hold the dense bf16 weights in the lossless 12-bit form (CPU); --no-pack-dense
+      measures them as plain bf16
     json_out: also write the figures as JSON to this file"""
     import json
 
@@ -387,13 +391,14 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
     if prompt_tokens < 1 or decode_steps < 1 or not batches or min(batches) < 1:
         raise OssgptError("--prompt-tokens, --decode-steps and --batch sizes must be >= 1")
     resolve(model)  # a bad --model is the user's error, before any timing
-    r = b.run(model, prompt_tokens, decode_steps, batches, device, getattr(torch, dtype))
+    r = b.run(model, prompt_tokens, decode_steps, batches, device, getattr(torch, dtype),
+              pack_dense=pack_dense)
     rows = [("load", f"{r.load_s:.2f} s"),
             (f"prefill ({r.prompt_tokens} tokens)", f"{r.prefill_tok_s:.1f} tok/s"),
             ("time to first token", f"{r.ttft_s * 1000:.0f} ms")]
     rows += [(f"decode, batch {k}", f"{v:.1f} tok/s") for k, v in r.decode_tok_s.items()]
     rows += [("peak RSS", f"{r.peak_rss_gib:.2f} GiB")]
-    print(f"{r.model} on {r.device}, {r.dtype}, {r.threads} threads")
+    print(f"{r.model} on {r.device}, {r.dtype}{' (dense weights packed)' if r.packed_dense else ''}, {r.threads} threads")
     for name, value in rows:
         print(f"  {name:<28}{value:>16}")
     if json_out:

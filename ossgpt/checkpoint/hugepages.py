@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import mmap
 import os
 import sys
@@ -65,18 +66,23 @@ def move_experts(checkpoint_bytes: int) -> bool:
     return checkpoint_bytes <= 0.8 * available
 
 
-def copy(t: torch.Tensor, release_source: bool = False) -> torch.Tensor:
-    """A contiguous copy of CPU tensor t in anonymous memory advised for huge pages; with
-    `release_source` (t a view of a file mapping), t's pages are released as the copy passes
-    them, so resident memory never holds both whole."""
-    nbytes = t.numel() * t.element_size()
+def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in anonymous memory advised for huge pages."""
+    nbytes = max(1, math.prod(shape) * dtype.itemsize)
     # Private: shared anonymous memory is shmem, which takes huge pages only if shmem_enabled says
     buf = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf.madvise(mmap.MADV_HUGEPAGE)
     # Huge pages cover only 2 MiB-aligned ranges: start the tensor on one.
     start = -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % _HUGE_PAGE
     out = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=start)  # keeps buf alive
-    out = out.view(t.dtype).view(t.shape)
+    return out[:math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+
+
+def copy(t: torch.Tensor, release_source: bool = False) -> torch.Tensor:
+    """A contiguous copy of CPU tensor t in anonymous memory advised for huge pages; with
+    `release_source` (t a view of a file mapping), t's pages are released as the copy passes
+    them, so resident memory never holds both whole."""
+    out = empty(t.shape, t.dtype)
     if not (release_source and t.is_contiguous()):
         out.copy_(t)
         if release_source:

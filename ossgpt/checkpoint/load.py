@@ -3,11 +3,14 @@ the format's name table, and load it memory-mapped onto a model built on the met
 
 MXFP4 experts stay packed (uint8), so a 20b checkpoint needs far less RAM than its 42 GB bf16
 form; they stay memory-mapped (pages read as experts are used) unless the machine has room for
-the whole checkpoint, when hugepages.py moves them, as it does the dense weights decode reads."""
+the whole checkpoint, when hugepages.py moves them, as it does the dense weights decode reads.
+With `pack_dense`, the dense bf16 weights of the products go straight from the file into
+packed_bf16's lossless 12-bit form instead (inference on the CPU)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -15,10 +18,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from .. import packed_bf16
 from ..compact_vocab import CompactVocab
 from ..config import ConfigError, ModelConfig
 from ..errors import OssgptError
-from ..model import Transformer
+from ..model import Linear, Transformer
 from . import formats, hugepages
 from .formats import HF, ORIGINAL, Source
 
@@ -176,10 +180,11 @@ def is_packed(files: TensorFiles, fmt: str) -> bool:
 
 
 def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Transformer,
-                    dtype: torch.dtype, device: torch.device,
-                    progress: bool = True) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype, device: torch.device, progress: bool = True,
+                    pack: frozenset[str] = frozenset()) -> dict[str, torch.Tensor | packed_bf16.PackedBF16]:
     """Every tensor of `model`'s state dict, read from `files`, shapes checked against the
-    config; strict both ways (a missing or an unexpected tensor is an error)."""
+    config; strict both ways (a missing or an unexpected tensor is an error). Tensors named in
+    `pack` come back as PackedBF16 where packing pays."""
     directory = files.directory
     names = files.names()
     table = formats.table(fmt, config, is_packed(files, fmt))
@@ -235,6 +240,11 @@ def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Tr
         stored = t
         if t.dtype != torch.uint8:
             t = t.to(torch.float32 if _keep_float32(ours) else dtype)
+        if ours in pack and packed_bf16.packable(t):
+            p = _pack(t, mapped=ours not in vocab_tables and t is stored)
+            if packed_bf16.worth_it(p):
+                state[ours] = p
+                continue
         if device.type == "cpu" and _streamed_by_decode(ours, t, experts_too) and hugepages.enabled():
             mapped = ours not in vocab_tables    # a view of the file mapping, not needed after
             moved = hugepages.copy(t, release_source=mapped and t is stored)
@@ -243,6 +253,18 @@ def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Tr
             t = moved
         state[ours] = t.to(device)
     return state
+
+
+def _pack(t: torch.Tensor, mapped: bool) -> packed_bf16.PackedBF16:
+    """t packed into huge pages where the kernel gives them, its mapped file pages released as
+    the rows are done (resident memory never holds both forms whole)."""
+    def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        # a small tensor would take a whole 2 MiB page (and stays in cache anyway)
+        big = hugepages.enabled() and math.prod(shape) * dtype.itemsize >= hugepages.MIN_BYTES
+        return hugepages.empty(shape, dtype) if big else torch.empty(shape, dtype=dtype)
+
+    release = (lambda r0, r1: hugepages.release(t[r0:r1])) if mapped else None
+    return packed_bf16.pack_fast(t, empty, release)
 
 
 def _streamed_by_decode(name: str, t: torch.Tensor, experts: bool) -> bool:
@@ -265,9 +287,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def load(ref: str | os.PathLike, device: str | torch.device = "auto",
-         dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> Transformer:
+         dtype: torch.dtype = torch.bfloat16, progress: bool = True,
+         pack_dense: bool = False) -> Transformer:
     """Load a gpt-oss checkpoint: a directory in the original/ or Hugging Face layout, a repo
-    root holding both, or a hub id such as `openai/gpt-oss-20b`."""
+    root holding both, or a hub id such as `openai/gpt-oss-20b`.
+
+    pack_dense: for inference on the CPU in bf16, hold the attention, router and unembedding
+    weights in packed_bf16's lossless 12-bit form (the same logits; a quarter less memory and
+    faster decode; read-only: no training, no moving to another device)."""
     directory, fmt = resolve(ref)
     device = resolve_device(device)
     try:
@@ -277,7 +304,14 @@ def load(ref: str | os.PathLike, device: str | torch.device = "auto",
     files = TensorFiles(directory)
     with torch.device("meta"):
         model = Transformer(config, packed_experts=is_packed(files, fmt))
-    state = load_state_dict(files, fmt, config, model, dtype, device, progress)
+    pack = frozenset()
+    if pack_dense and device.type == "cpu" and dtype == torch.bfloat16:
+        pack = frozenset(f"{name}.weight" for name, m in model.named_modules() if type(m) is Linear)
+    state = load_state_dict(files, fmt, config, model, dtype, device, progress, pack)
+    for name in [n for n, t in state.items() if isinstance(t, packed_bf16.PackedBF16)]:
+        parent, _, child = name.removesuffix(".weight").rpartition(".")
+        module = model.get_submodule(parent) if parent else model
+        setattr(module, child, packed_bf16.PackedLinear(state.pop(name), getattr(module, child).bias))
     model.load_state_dict(state, assign=True, strict=True)
     model.eval()
     model.source = (directory, fmt)

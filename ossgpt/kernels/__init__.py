@@ -1,9 +1,9 @@
 """Fast CPU kernels behind a small interface; the plain PyTorch code in ossgpt/model.py and
 ossgpt/mxfp4.py is the reference they are tested against (tests/test_kernels.py).
 
-The C++ sources (mxfp4_cpu.cpp, linear_cpu.cpp, attention_cpu.cpp, bindings.cpp and their
-headers) are compiled on first use with torch.utils.cpp_extension (about a minute; cached under
-~/.cache/torch_extensions). Without a compiler, or with OSSGPT_KERNELS=0, `cpu_kernels()` is
+The C++ sources (mxfp4_cpu.cpp, linear_cpu.cpp, attention_cpu.cpp, packed_bf16_cpu.cpp,
+bindings.cpp and their headers) are compiled on first use with torch.utils.cpp_extension (about
+a minute; cached under ~/.cache/torch_extensions). Without a compiler, or with OSSGPT_KERNELS=0, `cpu_kernels()` is
 None and the model runs the plain path.
 """
 
@@ -18,7 +18,8 @@ from types import ModuleType
 import torch
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / f for f in ("bindings.cpp", "mxfp4_cpu.cpp", "linear_cpu.cpp", "attention_cpu.cpp")]
+_SOURCES = [_DIR / f for f in ("bindings.cpp", "mxfp4_cpu.cpp", "linear_cpu.cpp", "attention_cpu.cpp",
+                                "packed_bf16_cpu.cpp")]
 _loaded: ModuleType | None = None
 _failed = False
 
@@ -71,18 +72,28 @@ def dequantize_bf16(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor 
     return None if ext is None else ext.dequantize_bf16(blocks, scales)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x @ weight.T + bias for up to 8 rows of bf16 x (decode, batches of up to 8) on the CPU, or
-    None where the kernel does not apply (then F.linear, whose blocking suits more rows)."""
+def _weight_parts(weight) -> list[torch.Tensor] | None:
+    """What the C++ products take for a weight: [bf16 tensor] or a PackedBF16's parts (its
+    `parts()`); None for anything else."""
+    if isinstance(weight, torch.Tensor):
+        return [weight] if weight.dtype == torch.bfloat16 else None
+    return weight.parts()
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x @ weight.T + bias for up to 8 rows of bf16 x (decode, batches of up to 8) on the CPU,
+    weight bf16 or a packed_bf16.PackedBF16, or None where the kernel does not apply (then
+    F.linear, whose blocking suits more rows)."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
-            or not 0 < rows <= 8 or x.shape[-1] % 32
-            or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    parts = _weight_parts(weight)
+    if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or parts is None
+            or not 0 < rows <= 8 or x.shape[-1] % 32 or parts[0].device.type != "cpu"
+            or torch.is_grad_enabled() and (x.requires_grad or getattr(weight, "requires_grad", False))):
         return None
     ext = cpu_kernels()
     if ext is None or not hasattr(ext, "linear_bf16"):
         return None
-    y = ext.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias)
+    y = ext.linear_bf16(x.reshape(rows, x.shape[-1]), parts, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -90,22 +101,25 @@ def attention_inputs(x: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor
     """Attention's q, k, v for up to 8 tokens of bf16 x (B, T, C) in one call (RMSNorm, the three
     products, the rotary embedding of q and k), or None where it does not apply (then the
     plain modules run: adapters wrapping the projections, gradients, not the CPU)."""
-    from .. import model   # the module types the plain path is made of (model imports kernels)
+    # the module types the plain path is made of (both import this module)
+    from .. import model, packed_bf16
     B, T, C = x.shape
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or B * T > 8 or C % 32
-            or any(type(p) is not model.Linear or p.bias is None or p.weight.dtype != torch.bfloat16
+            or any(type(p) not in (model.Linear, packed_bf16.PackedLinear) or p.bias is None
                    for p in projections)
             or type(attn.norm) is not model.RMSNorm
             or torch.is_grad_enabled()
             and (x.requires_grad or any(p.requires_grad for p in attn.parameters()))):
         return None
+    weights = [p.packed.parts() if type(p) is packed_bf16.PackedLinear else _weight_parts(p.weight)
+               for p in projections]
     ext = cpu_kernels()
-    if ext is None or not hasattr(ext, "qkv_rope_bf16"):
+    if ext is None or not hasattr(ext, "qkv_rope_bf16") or any(w is None for w in weights):
         return None
     H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     out = ext.qkv_rope_bf16(x.reshape(B * T, C), attn.norm.weight, attn.norm.eps,
-                            [p.weight for p in projections], [p.bias for p in projections],
+                            weights, [p.bias for p in projections],
                             cos.reshape(B * T, -1).float(), sin.reshape(B * T, -1).float(), H + K)
     q, k, v = out.view(B, T, -1).split([H * D, K * D, K * D], dim=-1)
     return q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
