@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .model import Linear
 
 WINDOW = 15
 DECODE_ROWS = 64      # PackedLinear's products of up to this many rows go through the kernel
@@ -158,7 +159,8 @@ class PackedLinear(nn.Module):
             flat = x.reshape(rows, x.shape[-1])
             parts = [kernels.linear(flat[i:i + 8], self.packed, self.bias) for i in range(0, rows, 8)]
             if all(y is not None for y in parts):
-                return torch.cat(parts).view(*x.shape[:-1], self.out_features)
+                y = parts[0] if len(parts) == 1 else torch.cat(parts)
+                return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -186,7 +188,6 @@ def pack_linears(model: nn.Module) -> int:
     """Replace every bf16 `model.Linear` of `model` (a loaded Transformer) by a PackedLinear
     where the kernels run and packing pays; -> bytes saved. `checkpoint.load(pack_dense=True)`
     does this while loading, without holding both forms."""
-    from .model import Linear
     saved = 0
     for name, module in list(model.named_modules()):
         if type(module) is not Linear or not packable(module.weight):
