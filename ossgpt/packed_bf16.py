@@ -193,7 +193,7 @@ def pack_linears(model: nn.Module) -> int:
         if type(module) is not Linear or not packable(module.weight):
             continue
         p = pack_fast(module.weight)
-        if p is None or not worth_it(p):
+        if not worth_it(p):
             continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(p, module.bias))

@@ -3,8 +3,8 @@ ossgpt/mxfp4.py is the reference they are tested against (tests/test_kernels.py)
 
 The C++ sources (mxfp4_cpu.cpp, linear_cpu.cpp, attention_cpu.cpp, packed_bf16_cpu.cpp,
 bindings.cpp and their headers) are compiled on first use with torch.utils.cpp_extension (about
-a minute; cached under ~/.cache/torch_extensions). Without a compiler, or with OSSGPT_KERNELS=0, `cpu_kernels()` is
-None and the model runs the plain path.
+a minute; cached under ~/.cache/torch_extensions). Without a compiler, or with OSSGPT_KERNELS=0,
+`cpu_kernels()` is None and the model runs the plain path.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def attention_inputs(x: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor
             or torch.is_grad_enabled()
             and (x.requires_grad or any(p.requires_grad for p in attn.parameters()))):
         return None
-    weights = [p.packed.parts() if type(p) is packed_bf16.PackedLinear else _weight_parts(p.weight)
+    weights = [_weight_parts(p.packed if type(p) is packed_bf16.PackedLinear else p.weight)
                for p in projections]
     ext = cpu_kernels()
     if ext is None or not hasattr(ext, "qkv_rope_bf16") or any(w is None for w in weights):
