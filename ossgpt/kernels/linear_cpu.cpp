@@ -109,10 +109,14 @@ void packed_rows(const ossgpt::PackedBF16& w, const uint16_t* x, const uint16_t*
   }
 }
 
-// Beyond 4 tokens, RT rows at a time: each input vector loaded serves RT decoded rows (x's 8
-// rows do not fit in L1 beside the weights). Measured, 8 tokens x 201088 x 2880: 3 rows 50 ms,
-// 2 rows 63, 1 row 76; the dense tile takes 52. Rows go in blocks of kBlock while the next
-// block is prefetched into L2 (RowPrefetch).
+// RT rows at a time: each input vector loaded serves RT decoded rows (x's 8 rows do not fit in
+// L1 beside the weights). Rows go in blocks of kBlock while the next block is prefetched into L2
+// (RowPrefetch). Measured against the 201088 x 2880 unembedding, interleaved runs:
+//   8 tokens: 3 rows 50 ms, 2 rows 63, 1 row 76, the dense tile 52, before the prefetch; with
+//             it, 30-38 ms against 49-60 (5 tokens: 28-33 against 43-50);
+//   fewer tokens stay row by row (packed_rows): this tile took 3 and 4 tokens in 33 and 44 ms
+//   against 28 and 30, and 1 token 9% faster or 10% slower by the run (24 layers end to end:
+//   slower), where the unembedding and attention rows are read at near the bus's speed anyway.
 template <int RT, int M>
 void packed_tile(const ossgpt::PackedBF16& w, const uint16_t* x, const uint16_t* bias, uint16_t* out,
                  int64_t ldo, int64_t r0, int64_t r1) {
