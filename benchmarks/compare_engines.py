@@ -328,6 +328,12 @@ def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     # memory bus with), as timeit's minimum; medians can pair one engine's fast phase with
     # another's slow one.
     out["best_decode_tok_s"] = {b: max(r["decode_tok_s"][b] for r in runs) for b in runs[0]["decode_tok_s"]}
+    # batch 8 over batch 1 within each round (seconds apart, one bandwidth phase), then the median:
+    # batch 1 is bound by the bandwidth and batch 8 largely by arithmetic, so a ratio of medians
+    # from different rounds would mostly measure the drift
+    if {"1", "8"} <= set(runs[0]["decode_tok_s"]):
+        out["b8_over_b1"] = round(statistics.median(r["decode_tok_s"]["8"] / r["decode_tok_s"]["1"]
+                                                    for r in runs), 3)
     out["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
     out["runs"] = [{k: r[k] for k in ("load_s", "prefill_tok_s", "ttft_s", "decode_tok_s", "peak_rss_gib",
                                       "b1_fraction_of_bw_limit")} for r in runs]
@@ -422,6 +428,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, r in results.items():
         if "best_decode_tok_s" in r:
             print(f"{name}: best round's decode " + ", ".join(f"b{b} {v:.2f}" for b, v in r["best_decode_tok_s"].items()))
+        if "b8_over_b1" in r:
+            print(f"{name}: batch 8 decodes {r['b8_over_b1']:.2f}x batch 1's tokens/s (median of rounds)")
     rat = ratios(results)
     for name, rr in rat.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in rr.items()))

@@ -1,6 +1,8 @@
-"""Where batch-1 decode time goes: milliseconds per token in attention, the mixture of experts and
-the unembedding, each with the bytes it must read and the read speed that implies (compare with
-the machine's bandwidth that benchmarks/compare_engines.py measures).
+"""Where decode time goes: milliseconds per step in attention, the mixture of experts and the
+unembedding, each with the bytes it must read and the read speed that implies (compare with the
+machine's bandwidth that benchmarks/compare_engines.py measures), and the multiply-adds it must do
+and the rate that implies (compare with the bf16 GEMM rate measured here: batched decode is bound
+by arithmetic where one token is bound by memory).
 
     python benchmarks/decode_profile.py --model DIR [--steps 16] [--context 128] [--batch 1] [--plain]
                                         [--no-pack-dense]
@@ -54,6 +56,30 @@ def bytes_per_step(net, batch: int = 1) -> dict[str, int]:
     return {"attention": attn, "experts": experts, "unembedding": _module_bytes(net.unembedding)}
 
 
+def macs_per_step(net, batch: int = 1) -> dict[str, int]:
+    """Multiply-adds one decode step does per part: every weight of attention's projections and
+    of the unembedding once per token, k experts per token (attention over the cache left out)."""
+    cfg = net.config
+    attn = sum(m.in_features * m.out_features for b in net.blocks
+               for m in (b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.o_proj))
+    expert = 3 * cfg.hidden_size * cfg.intermediate_size       # mlp1 (2I x C) and mlp2 (C x I)
+    experts = cfg.num_hidden_layers * (cfg.experts_per_token * expert + cfg.num_experts * cfg.hidden_size)
+    unembed = cfg.vocab_size * cfg.hidden_size
+    return {"attention": attn * batch, "experts": experts * batch, "unembedding": unembed * batch}
+
+
+def gemm_gmacs(repeats: int = 5) -> float:
+    """The machine's bf16 matrix-product rate: oneDNN on a 1024 x 2880 x 2880 GEMM, best of runs."""
+    a = torch.randn(1024, 2880, dtype=torch.bfloat16)
+    b = torch.randn(2880, 2880, dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        a @ b.T
+        best = min(best, time.perf_counter() - t0)
+    return a.shape[0] * b.numel() / best / 1e9
+
+
 @torch.inference_mode()
 def profile(net, steps: int, context: int, batch: int = 1) -> dict[str, float]:
     """Seconds per decode step in each part, timed by forward hooks."""
@@ -91,20 +117,25 @@ def main() -> None:
     args = ap.parse_args()
     model_module.USE_KERNELS = not args.plain
     net = ossgpt.load(args.model, dtype=torch.bfloat16, pack_dense=args.pack_dense and not args.plain)
-    sizes = bytes_per_step(net, args.batch)
+    sizes, macs = bytes_per_step(net, args.batch), macs_per_step(net, args.batch)
     seconds = profile(net, args.steps, args.context, args.batch)
-    print(f"{'part':<12} {'ms/step':>9} {'MB read':>9} {'GB/s':>7}")
+    print(f"{'part':<12} {'ms/step':>9} {'MB read':>9} {'GB/s':>7} {'GMAC':>7} {'GMAC/s':>7}")
     for part in ("attention", "experts", "unembedding"):
         print(f"{part:<12} {seconds[part] * 1e3:9.2f} {sizes[part] / 1e6:9.1f} "
-              f"{sizes[part] / seconds[part] / 1e9:7.1f}")
+              f"{sizes[part] / seconds[part] / 1e9:7.1f} {macs[part] / 1e9:7.3f} "
+              f"{macs[part] / seconds[part] / 1e9:7.1f}")
     other = seconds["total"] - sum(seconds[p] for p in sizes)
     total_bytes = sum(sizes.values())
     print(f"{'other':<12} {other * 1e3:9.2f}")
+    total_macs = sum(macs.values())
     print(f"{'total':<12} {seconds['total'] * 1e3:9.2f} {total_bytes / 1e6:9.1f} "
-          f"{total_bytes / seconds['total'] / 1e9:7.1f}   ({args.batch / seconds['total']:.2f} tok/s, "
+          f"{total_bytes / seconds['total'] / 1e9:7.1f} {total_macs / 1e9:7.3f} "
+          f"{total_macs / seconds['total'] / 1e9:7.1f}   ({args.batch / seconds['total']:.2f} tok/s, "
           f"batch {args.batch}, "
           f"{torch.get_num_threads()} threads, {'plain' if args.plain else 'kernels'}"
           f"{', dense weights packed' if any(isinstance(m, PackedLinear) for m in net.modules()) else ''})")
+    print(f"bf16 GEMM here: {gemm_gmacs():.1f} GMAC/s (oneDNN, 1024 x 2880 x 2880, "
+          f"{torch.get_num_threads()} threads)")
 
 
 if __name__ == "__main__":
