@@ -25,6 +25,12 @@ a single run of each can compare one engine's fast moment with another's slow on
 engine's best round of decode is given too (`best_decode_tok_s`, ratios `decode_b1_best`): the
 least disturbed, as timeit's minimum, when the medians still pair unequal phases.
 
+Where it may (root), the script empties the kernel's page cache before every engine's run, so
+each starts as after a reboot (its checkpoint read from disk) and none inherits memory that the
+previous one's cached files left fragmented: that cost ossgpt huge pages for a fifth of its
+weights (ossgpt/checkpoint/hugepages.py) and decode speed with them. The JSON records whether
+it did (cold_page_cache), and ossgpt's huge_pages_gib how much of its weights got huge pages.
+
 Decode is memory-bound: the table also gives batch-1 decode as a fraction of the limit set by
 this machine's read bandwidth (a torch sum over 1 GiB, best of 5, measured every round) and the bytes each decoded
 token must read (decode_bytes_per_token). Results go to benchmarks/results/compare_<name>.json.
@@ -271,9 +277,20 @@ EXPERT_BYTES = {"ossgpt": 17 / 32, "ossgpt-bf16": 17 / 32, "transformers": 2.0, 
 DENSE_BYTES = {"ossgpt": 1.5, "ossgpt-bf16": 2.0, "transformers": 2.0, "llama.cpp": 2.0}
 
 
-def run_worker(engine: str, job: dict[str, Any]) -> dict[str, Any]:
-    """Run one engine in a fresh Python process; its last stdout line is the result."""
-    print(f"[{engine}] running", flush=True)
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (clean pages only; root only): whether it could."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_worker(engine: str, job: dict[str, Any], cold: bool = False) -> dict[str, Any]:
+    """Run one engine in a fresh Python process (`cold`: after emptying the page cache); its
+    last stdout line is the result."""
+    print(f"[{engine}] running{' (page cache emptied)' if cold and drop_page_cache() else ''}", flush=True)
     proc = subprocess.run([sys.executable, __file__, "--worker", engine], input=json.dumps(job),
                           capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
@@ -335,8 +352,10 @@ def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out["b8_over_b1"] = round(statistics.median(r["decode_tok_s"]["8"] / r["decode_tok_s"]["1"]
                                                     for r in runs), 3)
     out["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
+    if "huge_pages_gib" in runs[0]:
+        out["huge_pages_gib"] = min(r["huge_pages_gib"] for r in runs)
     out["runs"] = [{k: r[k] for k in ("load_s", "prefill_tok_s", "ttft_s", "decode_tok_s", "peak_rss_gib",
-                                      "b1_fraction_of_bw_limit")} for r in runs]
+                                      "b1_fraction_of_bw_limit", "huge_pages_gib") if k in r} for r in runs]
     return out
 
 
@@ -396,14 +415,14 @@ def main(argv: list[str] | None = None) -> None:
     # Rounds of every engine in turn: this machine's memory bandwidth drifts over minutes, so
     # one run each can compare a fast moment with a slow one; the medians of rounds do not.
     runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines if e not in results}
-    bandwidths = []
+    bandwidths, cold = [], drop_page_cache()
     for round_ in range(args.repeat):
         bandwidth = memory_bandwidth_gbs(args.threads)
         bandwidths.append(bandwidth)
         print(f"round {round_ + 1}/{args.repeat}: memory read bandwidth {bandwidth:.1f} GB/s "
               f"({args.threads} threads); load average {os.getloadavg()[0]:.2f}", flush=True)
         for engine in [e for e in runs if e not in results]:
-            r = run_worker(engine, job)
+            r = run_worker(engine, job, cold)
             if "skipped" in r:
                 results[engine] = r
                 print(f"[{engine}] skipped: {r['skipped']}", flush=True)
@@ -439,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         "decode_steps": args.decode_steps, "decode_context": min(args.prompt_tokens, DECODE_CONTEXT),
         "threads": args.threads, "cpu_count": os.cpu_count(), "load_average_before": load_avg,
         "memory_bandwidth_gbs": round(bandwidth, 2), "bandwidth_per_round_gbs": [round(b, 2) for b in bandwidths],
-        "repeat": args.repeat, "note": args.note,
+        "repeat": args.repeat, "cold_page_cache": cold, "note": args.note,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results, "ratios": rat})
     print(f"\nwrote {out}")
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .checkpoint import hugepages
 from .generate import decode_step, prefill
 from .model import Transformer
 from .packed_bf16 import PackedLinear
@@ -27,6 +28,7 @@ class BenchResult:
     decode_tok_s: dict[int, float]     # batch size -> aggregate tokens/s
     peak_rss_gib: float
     packed_dense: bool = False         # dense weights held in packed_bf16's 12-bit form
+    huge_pages_gib: float = 0.0        # weights in huge pages after loading (Linux; see hugepages.py)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -88,6 +90,7 @@ def run(ref: str, prompt_tokens: int = 512, decode_steps: int = 32, batches: tup
     model = load(ref, device=device, dtype=dtype, progress=False, pack_dense=pack_dense)
     _touch(model)
     load_s = time.perf_counter() - t0
+    huge = hugepages.huge_bytes() / 2**30
     prompt = random_prompts(1, prompt_tokens, seed)[0]
     prefill(model, [prompt[:16]], model.make_cache())              # warm-up
     _sync(model.device)
@@ -105,4 +108,4 @@ def run(ref: str, prompt_tokens: int = 512, decode_steps: int = 32, batches: tup
                        torch.get_num_threads(), round(load_s, 3), prompt_tokens,
                        round(prompt_tokens / prefill_s, 2), round(ttft, 4),
                        {b: round(v, 2) for b, v in decode.items()}, round(_peak_rss_gib(), 3),
-                       any(isinstance(m, PackedLinear) for m in model.modules()))
+                       any(isinstance(m, PackedLinear) for m in model.modules()), round(huge, 3))

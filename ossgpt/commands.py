@@ -398,6 +398,8 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
             ("time to first token", f"{r.ttft_s * 1000:.0f} ms")]
     rows += [(f"decode, batch {k}", f"{v:.1f} tok/s") for k, v in r.decode_tok_s.items()]
     rows += [("peak RSS", f"{r.peak_rss_gib:.2f} GiB")]
+    if r.huge_pages_gib:
+        rows += [("weights in huge pages", f"{r.huge_pages_gib:.2f} GiB")]
     print(f"{r.model} on {r.device}, {r.dtype}{' (dense weights packed)' if r.packed_dense else ''}, {r.threads} threads")
     for name, value in rows:
         print(f"  {name:<28}{value:>16}")

@@ -3,8 +3,11 @@ that the logits do not change, and that the file pages left behind stop counting
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import mmap
+import os
+import warnings
 
 import pytest
 import torch
@@ -71,3 +74,42 @@ def test_release_drops_resident_pages_and_keeps_the_data(tmp_path):
     after = _mapping(t.data_ptr())[1]
     assert before - after >= 7 * 1024, (before, after)          # kB: all but the edge pages
     assert torch.equal(t, data[1000:])                          # read back from the page cache
+
+
+def _cached_pages(path) -> int:
+    """Pages of the file now in the page cache (mincore on a fresh mapping, which faults none)."""
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    pages = -(-len(m) // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert ctypes.CDLL(None).mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(m)), vec) == 0
+    return sum(v & 1 for v in vec)
+
+
+def test_release_drops_the_file_pages_from_the_page_cache_too(tmp_path):
+    """A copied range is out of the page cache as well (MADV_PAGEOUT), so that a copy as large
+    as the checkpoint does not make the kernel reclaim it piecemeal (fragmenting free memory)."""
+    path = tmp_path / "weights.bin"
+    with open(path, "wb") as f:
+        f.write(bytes(range(256)) * (8 << 12))                 # 8 MiB
+        f.flush()
+        os.fsync(f.fileno())                                     # clean pages: droppable
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    t = torch.frombuffer(mapped, dtype=torch.uint8)
+    t.sum()                                                      # every page read: cached
+    assert _cached_pages(path) == 2048
+    hugepages.release(t)
+    assert _cached_pages(path) <= 16
+    assert t[4096 * 100 + 7] == 7                                # read back from the file
+
+
+def test_warns_when_weights_miss_huge_pages():
+    with pytest.warns(UserWarning, match=r"1\.0 of 2\.0 GiB of weights got huge pages"):
+        hugepages.warn_if_short(2 << 30, 1 << 30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hugepages.warn_if_short(2 << 30, int(1.9 * 2**30))      # 95%: fine
+        hugepages.warn_if_short(512 << 20, 0)                   # too small to matter
+    assert hugepages.huge_bytes() >= 0

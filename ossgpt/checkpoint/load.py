@@ -214,6 +214,7 @@ def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Tr
     experts_too = device.type == "cpu" and hugepages.move_experts(
         sum(p.stat().st_size for p in set(files.files.values())))
     state = {}
+    huge_before, huge_wanted = hugepages.huge_bytes(), 0
     bar = tqdm(table.items(), desc="Loading", unit="tensor", disable=not progress, leave=False)
     for ours, src in bar:
         expected = tuple(wanted[ours].shape)
@@ -244,6 +245,7 @@ def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Tr
             p = _pack(t, mapped=ours not in vocab_tables and t is stored)
             if packed_bf16.worth_it(p):
                 state[ours] = p
+                huge_wanted += sum(q.nbytes for q in p.parts() if q.nbytes >= hugepages.MIN_BYTES)
                 continue
         if device.type == "cpu" and _streamed_by_decode(ours, t, experts_too) and hugepages.enabled():
             mapped = ours not in vocab_tables    # a view of the file mapping, not needed after
@@ -251,7 +253,10 @@ def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Tr
             if mapped and t is not stored:
                 hugepages.release(stored)
             t = moved
+            huge_wanted += t.nbytes
         state[ours] = t.to(device)
+    if huge_wanted and hugepages.enabled():
+        hugepages.warn_if_short(huge_wanted, hugepages.huge_bytes() - huge_before)
     return state
 
 
