@@ -290,7 +290,8 @@ def drop_page_cache() -> bool:
 def run_worker(engine: str, job: dict[str, Any], cold: bool = False) -> dict[str, Any]:
     """Run one engine in a fresh Python process (`cold`: after emptying the page cache); its
     last stdout line is the result."""
-    print(f"[{engine}] running{' (page cache emptied)' if cold and drop_page_cache() else ''}", flush=True)
+    emptied = cold and drop_page_cache()
+    print(f"[{engine}] running{' (page cache emptied)' if emptied else ''}", flush=True)
     proc = subprocess.run([sys.executable, __file__, "--worker", engine], input=json.dumps(job),
                           capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]

@@ -174,8 +174,7 @@ class PackedLinear(nn.Module):
 
 def packable(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and weight.shape[1] % 64 == 0 and kernels.cpu_kernels() is not None
-            and hasattr(kernels.cpu_kernels(), "pack_bf16"))
+            and weight.shape[1] % 64 == 0 and hasattr(kernels.cpu_kernels(), "pack_bf16"))
 
 
 def worth_it(p: PackedBF16) -> bool:
@@ -195,7 +194,13 @@ def pack_linears(model: nn.Module) -> int:
         p = pack_fast(module.weight)
         if not worth_it(p):
             continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(p, module.bias))
+        swap_in(model, name, p)
         saved += module.weight.numel() * 2 - p.nbytes
     return saved
+
+
+def swap_in(model: nn.Module, name: str, weight: PackedBF16) -> None:
+    """Replace the Linear `name` of `model` by a PackedLinear holding `weight`, keeping its bias."""
+    parent, _, child = name.rpartition(".")
+    module = model.get_submodule(parent) if parent else model
+    setattr(module, child, PackedLinear(weight, getattr(module, child).bias))

@@ -129,12 +129,13 @@ def huge_bytes() -> int:
 
 def warn_if_short(wanted: int, got: int) -> None:
     """Say so when under 90% of `wanted` bytes of weights (1 GiB or more) got huge pages: the
-    kernel fell back to 4 KiB pages, which decode reads 15-20% slower."""
+    kernel fell back to 4 KiB pages, which decode reads 15-20% slower. Called from load_state_dict:
+    the warning points at load()'s caller."""
     if wanted >= 1 << 30 and got < 0.9 * wanted:
         warnings.warn(f"ossgpt: {got / 2**30:.1f} of {wanted / 2**30:.1f} GiB of weights got huge pages "
                       "(free memory is fragmented, usually by other files' page cache); decode may run "
                       "up to 20% slower. Dropping the page cache before loading avoids it: "
-                      "sync; echo 1 | sudo tee /proc/sys/vm/drop_caches", stacklevel=3)
+                      "sync; echo 1 | sudo tee /proc/sys/vm/drop_caches", stacklevel=4)
 
 
 @functools.cache

@@ -314,9 +314,7 @@ def load(ref: str | os.PathLike, device: str | torch.device = "auto",
         pack = frozenset(f"{name}.weight" for name, m in model.named_modules() if type(m) is Linear)
     state = load_state_dict(files, fmt, config, model, dtype, device, progress, pack)
     for name in [n for n, t in state.items() if isinstance(t, packed_bf16.PackedBF16)]:
-        parent, _, child = name.removesuffix(".weight").rpartition(".")
-        module = model.get_submodule(parent) if parent else model
-        setattr(module, child, packed_bf16.PackedLinear(state.pop(name), getattr(module, child).bias))
+        packed_bf16.swap_in(model, name.removesuffix(".weight"), state.pop(name))
     model.load_state_dict(state, assign=True, strict=True)
     model.eval()
     model.source = (directory, fmt)
