@@ -1,7 +1,8 @@
-"""Compare ossgpt with transformers and llama.cpp on one checkpoint, on this machine (CPU).
+"""Compare ossgpt with transformers and llama.cpp on one checkpoint, on this machine (CPU or GPU).
 
     python benchmarks/compare_engines.py --config 20b --layers 4          # random 4-layer 20b
     python benchmarks/compare_engines.py --checkpoint DIR --engines ossgpt,llama.cpp
+    python benchmarks/compare_engines.py --config 20b --layers 24 --device cuda --engines ossgpt,transformers
 
 Every engine runs in its own subprocess (so peak RSS is per engine and memory is freed in
 between) on the same token ids: a random prompt of --prompt-tokens for load time, prefill
@@ -34,6 +35,12 @@ it did (cold_page_cache), and ossgpt's huge_pages_gib how much of its weights go
 Decode is memory-bound: the table also gives batch-1 decode as a fraction of the limit set by
 this machine's read bandwidth (a torch sum over 1 GiB, best of 5, measured every round) and the bytes each decoded
 token must read (decode_bytes_per_token). Results go to benchmarks/results/compare_<name>.json.
+
+With --device cuda every engine runs on the GPU: ossgpt with its experts dense where they fit
+(`experts` in its result), transformers with them dequantized (bf16), llama.cpp with every layer
+offloaded if llama-cpp-python was built with CUDA (CMAKE_ARGS="-DGGML_CUDA=on"); the bandwidth
+is the GPU's (a sum over 4 GiB), peak memory the GPU's (peak_gpu_gib), and the results file
+ends in -cuda.
 """
 
 from __future__ import annotations
@@ -124,16 +131,17 @@ def convert_to_gguf(checkpoint: Path) -> Path:
     return out
 
 
-def memory_bandwidth_gbs(threads: int, repeats: int = 5) -> float:
-    """Read bandwidth with all threads: best time of a float32 sum over 1 GiB, in GB/s."""
+def memory_bandwidth_gbs(threads: int, device: str = "cpu", repeats: int = 5) -> float:
+    """Read bandwidth with all threads (or of the GPU): best time of a float32 sum over 1 GiB
+    (4 GiB on a GPU, where 1 GiB takes a fraction of a millisecond), in GB/s."""
     import torch
 
     torch.set_num_threads(threads)
-    x = torch.ones(2**28)
+    x = torch.ones(2**28 if device == "cpu" else 2**30, device=device)
     best = float("inf")
     for _ in range(repeats + 1):          # the first pass also touches the pages
         t0 = time.perf_counter()
-        x.sum()
+        x.sum().item()
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best / 1e9
 
@@ -176,7 +184,8 @@ def bench_ossgpt(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(job["threads"])
     r = bench.run(job["checkpoint"], len(job["prompt"]), job["decode_steps"], tuple(job["batches"]),
-                  dtype=torch.bfloat16, seed=job["seed"], pack_dense=job.get("pack_dense", True))
+                  device=job["device"], dtype=torch.bfloat16, seed=job["seed"],
+                  pack_dense=job.get("pack_dense", True))
     return r.to_dict()
 
 
@@ -190,23 +199,28 @@ def bench_transformers(job: dict[str, Any]) -> dict[str, Any]:
 
     from ossgpt.config import ModelConfig
 
+    device = job["device"]
     need = bf16_model_bytes(ModelConfig.from_file(Path(job["checkpoint"]) / "config.json")) + 2**30
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/meminfo") as f:          # MemAvailable counts reclaimable page cache too
-        available = max(available, next(int(line.split()[1]) * 1024 for line in f
-                                        if line.startswith("MemAvailable")))
+    if device == "cpu":
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as f:      # MemAvailable counts reclaimable page cache too
+            available = max(available, next(int(line.split()[1]) * 1024 for line in f
+                                            if line.startswith("MemAvailable")))
+    else:
+        available = torch.cuda.mem_get_info(device)[0]
     if need > 0.9 * available:
         return {"skipped": f"bf16 model needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"}
     torch.set_num_threads(job["threads"])
     t0 = time.perf_counter()
-    model = GptOssForCausalLM.from_pretrained(job["checkpoint"], dtype=torch.bfloat16, device_map="cpu",
+    model = GptOssForCausalLM.from_pretrained(job["checkpoint"], dtype=torch.bfloat16, device_map=device,
                                               quantization_config=Mxfp4Config(dequantize=True))
     load_s = time.perf_counter() - t0
     model.eval()
 
     @torch.inference_mode()
     def forward(ids: list[list[int]], cache: Any = None) -> Any:
-        return model(torch.tensor(ids), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return model(torch.tensor(ids, device=device), past_key_values=cache, use_cache=True,
+                     logits_to_keep=1)
 
     forward([job["prompt"][:16]])                                     # warm-up
     t0 = time.perf_counter()
@@ -222,8 +236,10 @@ def bench_transformers(job: dict[str, Any]) -> dict[str, Any]:
         for _ in range(job["decode_steps"]):
             out = forward(out.logits[:, -1].argmax(-1, keepdim=True).tolist(), out.past_key_values)
         decode[str(b)] = round(b * job["decode_steps"] / (time.perf_counter() - t0), 2)
+    gpu = {"peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)} if device != "cpu" else {}
     return {"load_s": round(load_s, 3), "prefill_tok_s": round(len(job["prompt"]) / prefill_s, 2),
-            "ttft_s": round(ttft, 4), "decode_tok_s": decode, "dtype": "bfloat16 (experts dequantized)", "threads": torch.get_num_threads()}
+            "ttft_s": round(ttft, 4), "decode_tok_s": decode, "dtype": "bfloat16 (experts dequantized)",
+            "experts": "dense", "threads": torch.get_num_threads(), **gpu}
 
 
 def bench_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
@@ -232,9 +248,16 @@ def bench_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
 
     threads, steps = job["threads"], job["decode_steps"]
     n_ctx = -(-(max(len(job["prompt"]), DECODE_CONTEXT) + steps + 2) // 256) * 256
+    gpu_layers = 0
+    if job["device"] != "cpu":
+        if not llama_cpp.llama_supports_gpu_offload():
+            return {"skipped": 'llama-cpp-python was built without CUDA: CMAKE_ARGS="-DGGML_CUDA=on" '
+                               "pip install --force-reinstall --no-cache-dir llama-cpp-python"}
+        gpu_layers = -1
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(job["gguf"], n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                          n_batch=512, n_ubatch=512, flash_attn=True, use_mmap=False, verbose=False)
+                          n_batch=512, n_ubatch=512, flash_attn=True, use_mmap=False, verbose=False,
+                          n_gpu_layers=gpu_layers)
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()
 
@@ -271,9 +294,9 @@ def peak_rss_gib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
 
 
-# bytes per weight read by decode: experts, then the dense products (12-bit packed: 1.5 and a
-# per-row base and index, which this leaves out)
-EXPERT_BYTES = {"ossgpt": 17 / 32, "ossgpt-bf16": 17 / 32, "transformers": 2.0, "llama.cpp": 17 / 32}
+# bytes per weight read by decode: experts (MXFP4, unless an engine holds them dense), then the
+# dense products (12-bit packed: 1.5 and a per-row base and index, which this leaves out)
+MXFP4_BYTES = 17 / 32
 DENSE_BYTES = {"ossgpt": 1.5, "ossgpt-bf16": 2.0, "transformers": 2.0, "llama.cpp": 2.0}
 
 
@@ -305,8 +328,9 @@ def run_worker(engine: str, job: dict[str, Any], cold: bool = False) -> dict[str
 # -- report --------------------------------------------------------------------------------------
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
+    gpu = any("peak_gpu_gib" in r for r in results.values())
     head = f"{'engine':<13}{'load s':>8}{'prefill tok/s':>15}{'TTFT s':>9}{'decode b1':>11}" \
-           f"{'decode b8':>11}{'peak RSS GiB':>14}{'b1 % of BW limit':>18}"
+           f"{'decode b8':>11}{'peak RSS GiB':>14}{'b1 % of BW limit':>18}{'  peak GPU GiB' if gpu else ''}"
     print(head + "\n" + "-" * len(head))
     for name, r in results.items():
         if "skipped" in r:
@@ -315,7 +339,8 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
         d = r["decode_tok_s"]
         cell = lambda b: f"{d[b]:>11.2f}" if b in d else f"{'n/a':>11}"  # noqa: E731
         print(f"{name:<13}{r['load_s']:>8.2f}{r['prefill_tok_s']:>15.1f}{r['ttft_s']:>9.3f}{cell('1')}"
-              f"{cell('8')}{r['peak_rss_gib']:>14.2f}{100 * r.get('b1_fraction_of_bw_limit', 0):>17.1f}%")
+              f"{cell('8')}{r['peak_rss_gib']:>14.2f}{100 * r.get('b1_fraction_of_bw_limit', 0):>17.1f}%"
+              + (f"{r.get('peak_gpu_gib', float('nan')):>14.2f}" if gpu else ""))
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -353,11 +378,20 @@ def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out["b8_over_b1"] = round(statistics.median(r["decode_tok_s"]["8"] / r["decode_tok_s"]["1"]
                                                     for r in runs), 3)
     out["peak_rss_gib"] = max(r["peak_rss_gib"] for r in runs)
+    if "peak_gpu_gib" in runs[0]:
+        out["peak_gpu_gib"] = max(r["peak_gpu_gib"] for r in runs)
     if "huge_pages_gib" in runs[0]:
         out["huge_pages_gib"] = min(r["huge_pages_gib"] for r in runs)
     out["runs"] = [{k: r[k] for k in ("load_s", "prefill_tok_s", "ttft_s", "decode_tok_s", "peak_rss_gib",
                                       "b1_fraction_of_bw_limit", "huge_pages_gib") if k in r} for r in runs]
     return out
+
+
+def gpu_name(device: str) -> str | None:
+    if device == "cpu":
+        return None
+    import torch
+    return torch.cuda.get_device_name(device)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -377,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engines", default=",".join(ENGINES),
                    help="comma-separated: " + ", ".join(ENGINES + OPTIONAL_ENGINES))
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where every engine runs")
     p.add_argument("--repeat", type=int, default=3, help="rounds of every engine; figures are medians")
     p.add_argument("--name", help="results file name part (default: the checkpoint folder's name)")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
@@ -400,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     load_avg = os.getloadavg()
     batches = [1, 8]
     job = {"checkpoint": str(checkpoint), "threads": args.threads, "seed": 0, "batches": batches,
+           "device": args.device,
            "decode_steps": args.decode_steps, "prompt": random_prompts(1, args.prompt_tokens, 0)[0],
            "decode_prompts": {str(b): random_prompts(b, min(args.prompt_tokens, DECODE_CONTEXT), 0)
                               for b in batches}}
@@ -418,17 +454,19 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines if e not in results}
     bandwidths, cold = [], drop_page_cache()
     for round_ in range(args.repeat):
-        bandwidth = memory_bandwidth_gbs(args.threads)
+        bandwidth = memory_bandwidth_gbs(args.threads, args.device)
+        where = args.device if args.device != "cpu" else f"{args.threads} threads"
         bandwidths.append(bandwidth)
         print(f"round {round_ + 1}/{args.repeat}: memory read bandwidth {bandwidth:.1f} GB/s "
-              f"({args.threads} threads); load average {os.getloadavg()[0]:.2f}", flush=True)
+              f"({where}); load average {os.getloadavg()[0]:.2f}", flush=True)
         for engine in [e for e in runs if e not in results]:
             r = run_worker(engine, job, cold)
             if "skipped" in r:
                 results[engine] = r
                 print(f"[{engine}] skipped: {r['skipped']}", flush=True)
                 continue
-            per_token = decode_bytes_per_token(config, EXPERT_BYTES[engine], min(args.prompt_tokens, DECODE_CONTEXT),
+            per_token = decode_bytes_per_token(config, 2.0 if r.get("experts") == "dense" else MXFP4_BYTES,
+                                               min(args.prompt_tokens, DECODE_CONTEXT),
                                                DENSE_BYTES[engine] if r.get("packed_dense", True) else 2.0)
             r["decode_bytes_per_token"] = round(per_token)
             r["bw_limit_tok_s"] = round(bandwidth * 1e9 / per_token, 2)
@@ -453,11 +491,13 @@ def main(argv: list[str] | None = None) -> None:
     rat = ratios(results)
     for name, rr in rat.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in rr.items()))
-    out = ROOT / "benchmarks" / "results" / f"compare_{args.name or checkpoint.name}.json"
+    suffix = "" if args.device == "cpu" else f"-{args.device.split(':')[0]}"
+    out = ROOT / "benchmarks" / "results" / f"compare_{args.name or checkpoint.name}{suffix}.json"
     write_json(out, {
         "checkpoint": str(checkpoint), "config": config.to_dict(), "prompt_tokens": args.prompt_tokens,
         "decode_steps": args.decode_steps, "decode_context": min(args.prompt_tokens, DECODE_CONTEXT),
         "threads": args.threads, "cpu_count": os.cpu_count(), "load_average_before": load_avg,
+        "device": args.device, "gpu": gpu_name(args.device),
         "memory_bandwidth_gbs": round(bandwidth, 2), "bandwidth_per_round_gbs": [round(b, 2) for b in bandwidths],
         "repeat": args.repeat, "cold_page_cache": cold, "note": args.note,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results, "ratios": rat})

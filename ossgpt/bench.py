@@ -29,6 +29,8 @@ class BenchResult:
     peak_rss_gib: float
     packed_dense: bool = False         # dense weights held in packed_bf16's 12-bit form
     huge_pages_gib: float = 0.0        # weights in huge pages after loading (Linux; see hugepages.py)
+    experts: str = "mxfp4"             # how the experts were held: mxfp4 or dense
+    peak_gpu_gib: float = 0.0          # peak GPU memory allocated (on a GPU)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -83,11 +85,11 @@ def _touch(model: Transformer) -> None:
 @torch.inference_mode()
 def run(ref: str, prompt_tokens: int = 512, decode_steps: int = 32, batches: tuple[int, ...] = (1, 8),
         device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-        pack_dense: bool = True) -> BenchResult:
+        pack_dense: bool = True, experts: str = "auto") -> BenchResult:
     from .checkpoint import load
 
     t0 = time.perf_counter()
-    model = load(ref, device=device, dtype=dtype, progress=False, pack_dense=pack_dense)
+    model = load(ref, device=device, dtype=dtype, progress=False, pack_dense=pack_dense, experts=experts)
     _touch(model)
     load_s = time.perf_counter() - t0
     huge = hugepages.huge_bytes() / 2**30
@@ -108,4 +110,7 @@ def run(ref: str, prompt_tokens: int = 512, decode_steps: int = 32, batches: tup
                        torch.get_num_threads(), round(load_s, 3), prompt_tokens,
                        round(prompt_tokens / prefill_s, 2), round(ttft, 4),
                        {b: round(v, 2) for b, v in decode.items()}, round(_peak_rss_gib(), 3),
-                       any(isinstance(m, PackedLinear) for m in model.modules()), round(huge, 3))
+                       any(isinstance(m, PackedLinear) for m in model.modules()), round(huge, 3),
+                       "mxfp4" if model.blocks[0].mlp.experts.packed else "dense",
+                       round(torch.cuda.max_memory_allocated(model.device) / 2**30, 3)
+                       if model.device.type == "cuda" else 0.0)

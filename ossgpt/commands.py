@@ -280,6 +280,7 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
 
     from . import finetune as ft
     from .lora import LoraConfig, add_lora, save_adapter
+    from .model import unpack_experts
     from .train.trainer import TrainConfig
 
     if method not in ("lora", "full"):
@@ -306,7 +307,7 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
                               targets=tuple(t.strip() for t in target.split(",") if t.strip()))
         add_lora(net, lora_cfg)
     else:
-        ft.unpack_experts(net)
+        unpack_experts(net)
         net.requires_grad_(True)
     per_step = ft.batch_source(train, batch_tokens, seed).per_step
     steps = steps or max(1, math.ceil(epochs * len(train) / per_step))
@@ -362,7 +363,7 @@ def merge_adapter(adapter: str, output: str, model: str = "nano", layout: str = 
 
 def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
           batch: str = "1,8", device: str = "cpu", dtype: str = "bfloat16",
-          pack_dense: bool = True, json_out: str | None = None) -> None:
+          pack_dense: bool = True, experts: str = "auto", json_out: str | None = None) -> None:
     """Measure a checkpoint here: load time, prefill tokens/s, time to first token, decode
     tokens/s per batch size, peak memory. Prints a table (and JSON with --json-out).
 
@@ -374,6 +375,7 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
     dtype: bfloat16, float32 or float16
     pack_dense: hold the dense bf16 weights in the lossless 12-bit form (CPU); --no-pack-dense
       measures them as plain bf16
+    experts: mxfp4 (packed), dense (dequantized at load) or auto (dense on a GPU with room)
     json_out: also write the figures as JSON to this file"""
     import json
 
@@ -391,16 +393,21 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
     if prompt_tokens < 1 or decode_steps < 1 or not batches or min(batches) < 1:
         raise OssgptError("--prompt-tokens, --decode-steps and --batch sizes must be >= 1")
     resolve(model)  # a bad --model is the user's error, before any timing
+    if experts not in ("auto", "mxfp4", "dense"):
+        raise OssgptError(f"--experts must be auto, mxfp4 or dense, got {experts!r}")
     r = b.run(model, prompt_tokens, decode_steps, batches, device, getattr(torch, dtype),
-              pack_dense=pack_dense)
+              pack_dense=pack_dense, experts=experts)
     rows = [("load", f"{r.load_s:.2f} s"),
             (f"prefill ({r.prompt_tokens} tokens)", f"{r.prefill_tok_s:.1f} tok/s"),
             ("time to first token", f"{r.ttft_s * 1000:.0f} ms")]
     rows += [(f"decode, batch {k}", f"{v:.1f} tok/s") for k, v in r.decode_tok_s.items()]
     rows += [("peak RSS", f"{r.peak_rss_gib:.2f} GiB")]
+    if r.peak_gpu_gib:
+        rows += [("peak GPU memory", f"{r.peak_gpu_gib:.2f} GiB")]
     if r.huge_pages_gib:
         rows += [("weights in huge pages", f"{r.huge_pages_gib:.2f} GiB")]
-    print(f"{r.model} on {r.device}, {r.dtype}{' (dense weights packed)' if r.packed_dense else ''}, {r.threads} threads")
+    print(f"{r.model} on {r.device}, {r.dtype}{' (dense weights packed)' if r.packed_dense else ''}, "
+          f"{r.experts} experts, {r.threads} threads")
     for name, value in rows:
         print(f"  {name:<28}{value:>16}")
     if json_out:

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .data import Example, prompt_tokens, render_example
 from .errors import OssgptError
 from .harmony import REASONING_KEYS
-from .model import Experts, Transformer
+from .model import Transformer
 from .train.trainer import Batch, TrainConfig, Trainer
 
 
@@ -176,22 +176,6 @@ def chunked_loss(model: Transformer, batch: Batch, chunk: int = 256) -> torch.Te
     total = sum(checkpoint(piece, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
                 for i in range(0, len(h), chunk))
     return total / max(1, len(h))
-
-
-def unpack_experts(model: Transformer) -> None:
-    """Full fine-tuning trains dense experts: dequantize the MXFP4 ones in place."""
-    for block in model.blocks:
-        old = block.mlp.experts
-        if not old.packed:
-            continue
-        new = Experts(model.config, packed=False).to(model.dtype)
-        with torch.no_grad():
-            for e in range(old.mlp1_bias.shape[0]):
-                w1, w2 = old.weights(e, model.dtype)
-                new.mlp1_weight[e], new.mlp2_weight[e] = w1, w2
-            new.mlp1_bias.copy_(old.mlp1_bias)
-            new.mlp2_bias.copy_(old.mlp2_bias)
-        block.mlp.experts = new
 
 
 def checkpoint_blocks(model: Transformer) -> None:

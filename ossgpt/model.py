@@ -179,7 +179,7 @@ class Experts(nn.Module):
     def __init__(self, config: ModelConfig, packed: bool = True):
         super().__init__()
         E, C, I = config.num_experts, config.hidden_size, config.intermediate_size
-        self.packed = packed
+        self.config, self.packed = config, packed
         if packed:
             self.mlp1_blocks = nn.Parameter(torch.zeros(E, 2 * I, C // 32, 16, dtype=torch.uint8), requires_grad=False)
             self.mlp1_scales = nn.Parameter(torch.zeros(E, 2 * I, C // 32, dtype=torch.uint8), requires_grad=False)
@@ -197,6 +197,29 @@ class Experts(nn.Module):
             return (_dequantize(self.mlp1_blocks[e], self.mlp1_scales[e], dtype),
                     _dequantize(self.mlp2_blocks[e], self.mlp2_scales[e], dtype))
         return self.mlp1_weight[e].to(dtype), self.mlp2_weight[e].to(dtype)
+
+    def dequantized(self) -> "Experts":
+        """These experts held dense in their biases' dtype, on their device (the same values:
+        MXFP4 is exact in bf16 and float32), dequantized one expert at a time."""
+        with torch.device("meta"):
+            dense = Experts(self.config, packed=False)
+        dtype, device = self.mlp1_bias.dtype, self.mlp1_bias.device
+        w1 = torch.empty(dense.mlp1_weight.shape, dtype=dtype, device=device)
+        w2 = torch.empty(dense.mlp2_weight.shape, dtype=dtype, device=device)
+        with torch.no_grad():
+            for e in range(len(w1)):
+                w1[e], w2[e] = self.weights(e, dtype)
+        dense.mlp1_weight, dense.mlp2_weight = nn.Parameter(w1), nn.Parameter(w2)
+        dense.mlp1_bias, dense.mlp2_bias = self.mlp1_bias, self.mlp2_bias
+        return dense
+
+
+def unpack_experts(model: "Transformer") -> None:
+    """Hold the model's MXFP4 experts dense instead, in place, a layer at a time (full
+    fine-tuning trains them; a GPU with room multiplies them without dequantizing each step)."""
+    for block in model.blocks:
+        if block.mlp.experts.packed:
+            block.mlp.experts = block.mlp.experts.dequantized()
 
 
 def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

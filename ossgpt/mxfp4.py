@@ -16,29 +16,29 @@ FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0,
 BLOCK = 32
 
 
-def _byte_table(device: torch.device) -> torch.Tensor:
-    """(256, 2) float32: the two E2M1 values (low nibble, high nibble) of every byte."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=device)
+def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(256, 2): the two E2M1 values (low nibble, high nibble) of every byte."""
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
     b = torch.arange(256, device=device)
     return torch.stack([lut[b & 0x0F], lut[b >> 4]], dim=-1)
 
 
-def _scale_table(device: torch.device) -> torch.Tensor:
-    """(256,) float32: 2**(s - 127) for every E8M0 byte, exact (2**-127 is a float32 subnormal,
-    2**127 the largest power of two); 0xFF is NaN per the OCP MX spec."""
+def _scale_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(256,): 2**(s - 127) for every E8M0 byte, exact in float32 and bfloat16 (2**-127 is a
+    subnormal in both, 2**127 the largest power of two); 0xFF is NaN per the OCP MX spec."""
     t = torch.ldexp(torch.ones(256, dtype=torch.float64, device=device),
-                    torch.arange(256, device=device) - 127).float()
+                    torch.arange(256, device=device) - 127).to(dtype)
     t[255] = float("nan")
     return t
 
 
-_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_TABLES: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if device not in _TABLES:
-        _TABLES[device] = (_byte_table(device), _scale_table(device))
-    return _TABLES[device]
+def _tables(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if (device, dtype) not in _TABLES:
+        _TABLES[device, dtype] = (_byte_table(device, dtype), _scale_table(device, dtype))
+    return _TABLES[device, dtype]
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor,
@@ -46,13 +46,16 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor,
     """blocks uint8 [..., G, 16], scales uint8 [..., G] -> dtype [..., G * 32].
 
     Exact: every E2M1 value times a power of two is representable in float32 and bf16 unless it
-    overflows (then ±inf, as float64 → float32 rounding gives)."""
+    overflows (then ±inf, as float64 → float32 rounding gives). So bf16 is computed in bf16
+    (half float32's transient memory: a GPU dequantizes routed experts on the fly); other
+    dtypes, whose range is narrower, through float32."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError("MXFP4 blocks and scales must be uint8")
     if blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 shapes do not match: blocks {tuple(blocks.shape)}, "
                          f"scales {tuple(scales.shape)}")
-    byte_table, scale_table = _tables(blocks.device)
+    work = dtype if dtype == torch.bfloat16 else torch.float32
+    byte_table, scale_table = _tables(blocks.device, work)
     values = byte_table[blocks.long()]                        # (..., G, 16, 2) low nibble first
     values = values.flatten(-2) * scale_table[scales.long()].unsqueeze(-1)  # (..., G, 32)
     return values.flatten(-2).to(dtype)                       # (..., G * 32)

@@ -18,6 +18,7 @@ from ossgpt import finetune as ft
 from ossgpt.data import examples
 from ossgpt.data.tasks import chat_record
 from ossgpt.errors import OssgptError
+from ossgpt.model import unpack_experts
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,7 @@ def test_gradient_checkpointing_and_full_method_give_the_same_gradients(tiny_ori
     # Full fine-tuning: dense experts equal to the MXFP4 ones, every weight trains.
     model = ossgpt.load(tiny_original, dtype=torch.float32, progress=False)
     before = ft.chunked_loss(model, batch).item()
-    ft.unpack_experts(model)
+    unpack_experts(model)
     model.requires_grad_(True)
     loss = ft.chunked_loss(model, batch)
     assert loss.item() == pytest.approx(before, rel=1e-6)

@@ -22,7 +22,7 @@ from .. import packed_bf16
 from ..compact_vocab import CompactVocab
 from ..config import ConfigError, ModelConfig
 from ..errors import OssgptError
-from ..model import Linear, Transformer
+from ..model import Linear, Transformer, unpack_experts
 from . import formats, hugepages
 from .formats import HF, ORIGINAL, Source
 
@@ -282,6 +282,17 @@ def _streamed_by_decode(name: str, t: torch.Tensor, experts: bool) -> bool:
 
 # -- the entry point ---------------------------------------------------------------------------
 
+def dense_experts_fit(model: Transformer) -> bool:
+    """Whether the model's MXFP4 experts, dequantized to its dtype, fit in its GPU's free
+    memory with a tenth of the GPU left for the KV cache and activations (gpt-oss-20b's take
+    38 GB in bf16: yes on an 80 GB GPU, no on a 24 GB one; gpt-oss-120b's 229 GB: no)."""
+    packed = [b.mlp.experts for b in model.blocks if getattr(b.mlp.experts, "packed", False)]
+    dense = sum((e.mlp1_blocks.numel() + e.mlp2_blocks.numel()) * 2 * model.dtype.itemsize
+                for e in packed)
+    free, total = torch.cuda.mem_get_info(model.device)
+    return dense + total // 10 <= free
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -291,15 +302,23 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
+EXPERT_FORMATS = ("auto", "mxfp4", "dense")
+
+
 def load(ref: str | os.PathLike, device: str | torch.device = "auto",
          dtype: torch.dtype = torch.bfloat16, progress: bool = True,
-         pack_dense: bool = False) -> Transformer:
+         pack_dense: bool = False, experts: str = "auto") -> Transformer:
     """Load a gpt-oss checkpoint: a directory in the original/ or Hugging Face layout, a repo
     root holding both, or a hub id such as `openai/gpt-oss-20b`.
 
     pack_dense: for inference on the CPU in bf16, hold the attention, router and unembedding
     weights in packed_bf16's lossless 12-bit form (the same logits; a quarter less memory and
-    faster decode; read-only: no training, no moving to another device)."""
+    faster decode; read-only: no training, no moving to another device).
+    experts: how MXFP4 experts are held: "mxfp4" packed (a quarter of bf16's memory; the CPU
+    kernels and GPUs dequantize the routed ones as they go), "dense" dequantized to `dtype` at
+    load (the same values), "auto" dense on a GPU where they fit (dense_experts_fit), else mxfp4."""
+    if experts not in EXPERT_FORMATS:
+        raise CheckpointError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
     directory, fmt = resolve(ref)
     device = resolve_device(device)
     try:
@@ -316,6 +335,9 @@ def load(ref: str | os.PathLike, device: str | torch.device = "auto",
     for name in [n for n, t in state.items() if isinstance(t, packed_bf16.PackedBF16)]:
         packed_bf16.swap_in(model, name.removesuffix(".weight"), state.pop(name))
     model.load_state_dict(state, assign=True, strict=True)
+    del state
+    if experts == "dense" or experts == "auto" and device.type == "cuda" and dense_experts_fit(model):
+        unpack_experts(model)
     model.eval()
     model.source = (directory, fmt)
     return model

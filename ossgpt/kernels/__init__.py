@@ -1,5 +1,7 @@
-"""Fast CPU kernels behind a small interface; the plain PyTorch code in ossgpt/model.py and
-ossgpt/mxfp4.py is the reference they are tested against (tests/test_kernels.py).
+"""Fast kernels behind a small interface; the plain PyTorch code in ossgpt/model.py and
+ossgpt/mxfp4.py is the reference they are tested against (tests/test_kernels.py,
+tests/test_grouped_moe.py). On the CPU, C++; on GPUs, grouped_moe.py's sync-free mixture of
+experts (the rest of the model runs its plain PyTorch there).
 
 The C++ sources (mxfp4_cpu.cpp, linear_cpu.cpp, attention_cpu.cpp, packed_bf16_cpu.cpp,
 bindings.cpp and their headers) are compiled on first use with torch.utils.cpp_extension (about
@@ -16,6 +18,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from . import grouped_moe
 
 _DIR = Path(__file__).parent
 _SOURCES = [_DIR / f for f in ("bindings.cpp", "mxfp4_cpu.cpp", "linear_cpu.cpp", "attention_cpu.cpp",
@@ -47,14 +51,19 @@ def cpu_kernels() -> ModuleType | None:
 
 def moe(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts,
         limit: float, alpha: float = 1.702) -> torch.Tensor | None:
-    """The fused MXFP4 mixture of experts for x (N, C) -> float32 (N, C), or None when it does
-    not apply (not on the CPU, experts not packed, gradients wanted, kernels unavailable)."""
-    # Wrapped experts (LoRA) have no `packed` and take the plain path; so does anything that
-    # needs gradients, which the kernel does not give.
-    if (x.device.type != "cpu" or not getattr(experts, "packed", False)
+    """The mixture of experts for x (N, C) -> float32 (N, C): on the CPU the fused MXFP4 kernel,
+    elsewhere (GPUs) grouped_moe's sync-free grouped products; None where neither applies
+    (gradients wanted, wrapped experts, the CPU without kernels or with dense experts)."""
+    from .. import model   # the module type the plain path is made of (it imports this module)
+    # Wrapped experts (LoRA) and subclasses (nano's fake quantization) change what weights(e)
+    # returns, and take the plain path; so does anything that needs gradients, which the
+    # kernels do not give.
+    if (type(experts) is not model.Experts
             or torch.is_grad_enabled() and (x.requires_grad or experts.mlp1_bias.requires_grad)):
         return None
-    ext = cpu_kernels()
+    if x.device.type != "cpu":
+        return grouped_moe.moe(x, indices, gates, experts, limit, alpha)
+    ext = cpu_kernels() if experts.packed else None
     if ext is None:
         return None
     return ext.moe_forward(x if x.dtype == torch.bfloat16 else x.float(), indices, gates.float(),
