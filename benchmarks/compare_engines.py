@@ -328,7 +328,7 @@ def run_worker(engine: str, job: dict[str, Any], cold: bool = False) -> dict[str
 # -- report --------------------------------------------------------------------------------------
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
-    gpu = any("peak_gpu_gib" in r for r in results.values())
+    gpu = any(r.get("peak_gpu_gib") for r in results.values())
     head = f"{'engine':<13}{'load s':>8}{'prefill tok/s':>15}{'TTFT s':>9}{'decode b1':>11}" \
            f"{'decode b8':>11}{'peak RSS GiB':>14}{'b1 % of BW limit':>18}{'  peak GPU GiB' if gpu else ''}"
     print(head + "\n" + "-" * len(head))

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ossgpt import ModelConfig
 from ossgpt.checkpoint import write_random
@@ -58,6 +59,36 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, tiny_original: Path, tin
         shutil.copy2(f, root / f.name)
     shutil.copytree(tiny_original, root / "original")
     return root
+
+
+@pytest.fixture(scope="session")
+def unequal_prompts(tiny_config: ModelConfig) -> list[list[int]]:
+    """Six seeded prompts of 150, 37, 1, 129, 90 and 5 tokens: a batch with left padding, the
+    longest past the tiny config's 128-token sliding window."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, tiny_config.vocab_size, (n,), generator=g).tolist()
+            for n in (150, 37, 1, 129, 90, 5)]
+
+
+@torch.inference_mode()
+def _decode_logits(net, prompts: list[list[int]], steps: int = 6) -> torch.Tensor:
+    from ossgpt.generate import decode_step, prefill
+    cache = net.make_cache()
+    out = [prefill(net, prompts, cache)]
+    positions = torch.tensor([len(p) for p in prompts], device=net.device)
+    tokens = torch.randint(0, net.config.vocab_size, (steps, len(prompts)),
+                           generator=torch.Generator().manual_seed(2)).to(net.device)
+    for i in range(steps):
+        out.append(decode_step(net, tokens[i], positions + i, cache))
+    return torch.stack(out).cpu()
+
+
+@pytest.fixture(scope="session")
+def decode_logits():
+    """f(net, prompts, steps=6) -> float32 logits (steps + 1, B, V) on the CPU: the prefill's
+    last, then `steps` decode steps of fixed seeded tokens (not the argmax: near-tied random
+    logits would send two paths apart)."""
+    return _decode_logits
 
 
 # -- a real server on a loopback port ------------------------------------------------------------

@@ -111,32 +111,14 @@ def test_moe_dispatch(odd_config):
     assert kernels.moe(t, idx, gates, wrapped, dense.limit) is None
 
 
-def _prompts(vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (150, 37, 1, 129, 90, 5)]
-
-
-@torch.inference_mode()
-def _decode_logits(net, prompts, steps: int = 6) -> torch.Tensor:
-    """Prefill unequal prompts (past the 128-token window), then decode fixed tokens."""
-    from ossgpt.generate import decode_step, prefill
-    cache = net.make_cache()
-    out = [prefill(net, prompts, cache)]
-    positions = torch.tensor([len(p) for p in prompts])
-    tokens = torch.randint(0, net.config.vocab_size, (steps, len(prompts)),
-                           generator=torch.Generator().manual_seed(2))
-    for i in range(steps):
-        out.append(decode_step(net, tokens[i], positions + i, cache))
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("experts", ["mxfp4", "dense"])
-def test_model_through_grouped_moe_equals_plain(tiny_original, tiny_config, monkeypatch, experts):
+def test_model_through_grouped_moe_equals_plain(tiny_original, tiny_config, unequal_prompts, decode_logits,
+                                                monkeypatch, experts):
     """A whole float32 model with every MoE layer through grouped_moe, as on a GPU (prefill of 6
     unequal prompts takes the expert-by-expert or grouped GEMM path, decode the pairwise one)."""
     net = ossgpt.load(tiny_original, dtype=torch.float32, progress=False, experts=experts)
     assert net.blocks[0].mlp.experts.packed == (experts == "mxfp4")
-    prompts = _prompts(tiny_config.vocab_size)
+    prompts = unequal_prompts
     calls = []
 
     def through_grouped(x, indices, gates, ex, limit, alpha=1.702):
@@ -144,9 +126,9 @@ def test_model_through_grouped_moe_equals_plain(tiny_original, tiny_config, monk
         return grouped_moe.moe(x, indices, gates, ex, limit, alpha)
 
     monkeypatch.setattr(kernels, "moe", through_grouped)
-    grouped = _decode_logits(net, prompts)
+    grouped = decode_logits(net, prompts)
     monkeypatch.setattr(model, "USE_KERNELS", False)
-    plain = _decode_logits(net, prompts)
+    plain = decode_logits(net, prompts)
     assert len(calls) == 7 * tiny_config.num_hidden_layers and max(calls) > 100 and min(calls) == 6
     assert ((grouped - plain).norm() / plain.norm()).item() <= 1e-5
 
@@ -169,20 +151,20 @@ def test_dense_experts_at_load(tiny_original, tiny_hf):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("experts", ["mxfp4", "dense"])
-def test_cuda_model_equals_cpu(tiny_original, tiny_config, experts):
-    """On a GPU, float32 logits equal the CPU's (TF32 off); bf16 stays within the CPU bf16
-    model's own distance from float32."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    prompts = _prompts(tiny_config.vocab_size)
-    cpu = _decode_logits(ossgpt.load(tiny_original, device="cpu", dtype=torch.float32, progress=False), prompts)
-    gpu = _decode_logits(ossgpt.load(tiny_original, device="cuda", dtype=torch.float32, progress=False,
-                                     experts=experts), prompts).cpu()
+def test_cuda_model_equals_cpu(tiny_original, unequal_prompts, decode_logits, experts):
+    """On a GPU, float32 logits equal the CPU's (TF32 is off by default); bf16 stays within
+    twice the CPU bf16 model's distance from float32 (on a GPU the plain attention multiplies
+    in bf16, as transformers' eager attention does; the CPU's in float32)."""
+    prompts = unequal_prompts
+    cpu = decode_logits(ossgpt.load(tiny_original, device="cpu", dtype=torch.float32, progress=False), prompts)
+    gpu = decode_logits(ossgpt.load(tiny_original, device="cuda", dtype=torch.float32, progress=False,
+                                    experts=experts), prompts)
     assert ((gpu - cpu).norm() / cpu.norm()).item() <= 1e-5
-    cpu16 = _decode_logits(ossgpt.load(tiny_original, device="cpu", dtype=torch.bfloat16, progress=False), prompts)
-    gpu16 = _decode_logits(ossgpt.load(tiny_original, device="cuda", dtype=torch.bfloat16, progress=False,
-                                       experts=experts), prompts).cpu()
+    cpu16 = decode_logits(ossgpt.load(tiny_original, device="cpu", dtype=torch.bfloat16, progress=False), prompts)
+    gpu16 = decode_logits(ossgpt.load(tiny_original, device="cuda", dtype=torch.bfloat16, progress=False,
+                                      experts=experts), prompts)
 
     def median_error(out: torch.Tensor) -> float:
         return ((out - cpu).norm(dim=-1) / cpu.norm(dim=-1)).median().item()
 
-    assert median_error(gpu16) <= 1.5 * median_error(cpu16), (median_error(gpu16), median_error(cpu16))
+    assert median_error(gpu16) <= 2 * median_error(cpu16), (median_error(gpu16), median_error(cpu16))

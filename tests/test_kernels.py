@@ -78,37 +78,14 @@ def test_fused_moe_bf16_within_the_plain_paths_error(odd_config, tokens):
     assert err_fused <= max(err_plain, 1e-3), (err_fused, err_plain)
 
 
-def _prompts(vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (150, 37, 1, 129, 90, 5)]
-
-
-@torch.inference_mode()
-def _decode_logits(net, prompts, steps: int = 6) -> torch.Tensor:
-    """Prefill unequal prompts (past the 128-token window), then decode steps of fixed tokens
-    (not the argmax: near-tied random logits would send the paths apart); -> every step's
-    logits (steps + 1, B, V)."""
-    from ossgpt.generate import decode_step, prefill
-    cache = net.make_cache()
-    logits = prefill(net, prompts, cache)
-    positions = torch.tensor([len(p) for p in prompts])
-    out = [logits]
-    tokens = torch.randint(0, net.config.vocab_size, (steps, len(prompts)),
-                           generator=torch.Generator().manual_seed(2))
-    for i in range(steps):
-        logits = decode_step(net, tokens[i], positions + i, cache)
-        out.append(logits)
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_logits_fused_equal_plain(tiny_original, tiny_config, monkeypatch, dtype):
+def test_model_logits_fused_equal_plain(tiny_original, unequal_prompts, decode_logits, monkeypatch, dtype):
     net = ossgpt.load(tiny_original, dtype=dtype, progress=False)
-    prompts = _prompts(tiny_config.vocab_size)
+    prompts = unequal_prompts
     monkeypatch.setattr(model, "USE_KERNELS", True)
-    fused = _decode_logits(net, prompts)
+    fused = decode_logits(net, prompts)
     monkeypatch.setattr(model, "USE_KERNELS", False)
-    plain = _decode_logits(net, prompts)
+    plain = decode_logits(net, prompts)
     rel = ((fused - plain).norm() / plain.norm()).item()
     if dtype == torch.float32:
         assert rel <= 1e-5
@@ -116,7 +93,7 @@ def test_model_logits_fused_equal_plain(tiny_original, tiny_config, monkeypatch,
         # bf16: within the plain bf16 path's own distance from float32. Judged on the median
         # over rows and steps: on random weights a near-tied router choice can flip in one
         # row (either path), sending that row's logits far from float32.
-        truth = _decode_logits(ossgpt.load(tiny_original, dtype=torch.float32, progress=False), prompts)
+        truth = decode_logits(ossgpt.load(tiny_original, dtype=torch.float32, progress=False), prompts)
 
         def median_error(out: torch.Tensor) -> float:
             return ((out - truth).norm(dim=-1) / truth.norm(dim=-1)).median().item()

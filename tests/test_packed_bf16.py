@@ -103,26 +103,9 @@ def test_packed_linear_module():
     assert torch.equal(p(x[0, :18]), dense)
 
 
-def _prompts(vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (150, 37, 1, 129, 90, 5)]
-
-
-@torch.inference_mode()
-def _logits(net, prompts, steps: int = 4) -> torch.Tensor:
-    from ossgpt.generate import decode_step, prefill
-    cache = net.make_cache()
-    out = [prefill(net, prompts, cache)]
-    positions = torch.tensor([len(p) for p in prompts])
-    tokens = torch.randint(0, net.config.vocab_size, (steps, len(prompts)),
-                           generator=torch.Generator().manual_seed(2))
-    for i in range(steps):
-        out.append(decode_step(net, tokens[i], positions + i, cache))
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("layout", ["original", "hf"])
-def test_loaded_packed_gives_the_plain_models_logits(tiny_original, tiny_hf, tiny_config, layout):
+def test_loaded_packed_gives_the_plain_models_logits(tiny_original, tiny_hf, tiny_config, unequal_prompts,
+                                                     decode_logits, layout):
     directory = tiny_original if layout == "original" else tiny_hf
     plain = ossgpt.load(directory, device="cpu", progress=False)
     packed = ossgpt.load(directory, device="cpu", progress=False, pack_dense=True)
@@ -133,20 +116,19 @@ def test_loaded_packed_gives_the_plain_models_logits(tiny_original, tiny_hf, tin
                if v.dtype == torch.bfloat16)
     # 6 unequal prompts, the longest past the 128 window; prefill through unpacked weights,
     # decode through the packed products (batch 6)
-    prompts = _prompts(tiny_config.vocab_size)
-    a, b = _logits(packed, prompts), _logits(plain, prompts)
+    a, b = decode_logits(packed, unequal_prompts, 4), decode_logits(plain, unequal_prompts, 4)
     assert (a == b).float().mean() >= 0.99
     assert ((a - b).norm() / b.norm()).item() <= 1e-3
 
 
-def test_pack_linears_on_a_loaded_model(tiny_original, tiny_config):
+def test_pack_linears_on_a_loaded_model(tiny_original, unequal_prompts, decode_logits):
     net = ossgpt.load(tiny_original, device="cpu", progress=False)
-    prompts = _prompts(tiny_config.vocab_size)[2:4]
-    before = _logits(net, prompts, steps=2)
+    prompts = unequal_prompts[2:4]
+    before = decode_logits(net, prompts, steps=2)
     saved = packed_bf16.pack_linears(net)
     assert saved > 0.15 * net.unembedding.weight.numel() * 2       # 9 bytes a row of 64 elements on top
     assert isinstance(net.unembedding, PackedLinear)
-    after = _logits(net, prompts, steps=2)
+    after = decode_logits(net, prompts, steps=2)
     assert (after == before).float().mean() >= 0.99
 
 

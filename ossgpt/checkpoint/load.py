@@ -286,7 +286,7 @@ def dense_experts_fit(model: Transformer) -> bool:
     """Whether the model's MXFP4 experts, dequantized to its dtype, fit in its GPU's free
     memory with a tenth of the GPU left for the KV cache and activations (gpt-oss-20b's take
     38 GB in bf16: yes on an 80 GB GPU, no on a 24 GB one; gpt-oss-120b's 229 GB: no)."""
-    packed = [b.mlp.experts for b in model.blocks if getattr(b.mlp.experts, "packed", False)]
+    packed = [b.mlp.experts for b in model.blocks if b.mlp.experts.packed]
     dense = sum((e.mlp1_blocks.numel() + e.mlp2_blocks.numel()) * 2 * model.dtype.itemsize
                 for e in packed)
     free, total = torch.cuda.mem_get_info(model.device)

@@ -91,7 +91,10 @@ def moe(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts,
             y[rows] = torch.addmm(b2[rows], h[rows], w2.T)
             start += n
     else:
-        ends = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+        # not bincount: on CUDA it reads the largest index back to size its output (a sync)
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        ends = torch.cumsum(counts, 0, dtype=torch.int32)
         w1, w2 = experts.mlp1_weight.to(x.dtype), experts.mlp2_weight.to(x.dtype)
         h = _swiglu(_grouped_linear(xs, w1, ends) + b1, limit, alpha)
         y = _grouped_linear(h, w2, ends) + b2
