@@ -373,8 +373,7 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
     batch: comma-separated decode batch sizes
     device: cpu, cuda or auto (a GPU if there is one)
     dtype: bfloat16, float32 or float16
-    pack_dense: hold the dense bf16 weights in the lossless 12-bit form (CPU); --no-pack-dense
-      measures them as plain bf16
+    pack_dense: hold the dense bf16 weights in the lossless 12-bit form (CPU; --no-pack-dense: plain bf16)
     experts: mxfp4 (packed), dense (dequantized at load) or auto (dense on a GPU with room)
     json_out: also write the figures as JSON to this file"""
     import json
