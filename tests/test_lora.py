@@ -45,7 +45,7 @@ def test_fresh_adapter_starts_at_the_base(tiny_original, tokens) -> None:
 def test_adapter_loads_into_transformers_peft_with_the_same_logits(tiny_original, tiny_hf,
                                                                    tokens, tmp_path) -> None:
     peft = pytest.importorskip("peft")
-    from transformers import GptOssForCausalLM
+    from transformers import GptOssForCausalLM, Mxfp4Config
 
     model = ossgpt.load(tiny_original, dtype=torch.float32, progress=False)
     params = add_lora(model, LoraConfig(rank=4, alpha=8, targets=ALL))
@@ -53,8 +53,8 @@ def test_adapter_loads_into_transformers_peft_with_the_same_logits(tiny_original
     save_adapter(model, LoraConfig(rank=4, alpha=8, targets=ALL), tmp_path / "adapter")
     ours = model(tokens)
 
-    hf = GptOssForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32,
-                                           attn_implementation="eager").eval()
+    hf = GptOssForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32, attn_implementation="eager",
+                                           quantization_config=Mxfp4Config(dequantize=True)).eval()
     base_logits = hf(tokens).logits
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     with torch.no_grad():

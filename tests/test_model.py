@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from transformers import GptOssConfig, GptOssForCausalLM
+from transformers import GptOssConfig, GptOssForCausalLM, Mxfp4Config
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.gpt_oss import modeling_gpt_oss as hf_gpt_oss
@@ -78,7 +78,10 @@ def ours_logits(model, prompts: list[torch.Tensor]) -> tuple[list[torch.Tensor],
 
 
 def load_hf(directory, dtype: torch.dtype) -> GptOssForCausalLM:
-    model = GptOssForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="eager")
+    # dequantize=True: transformers' MXFP4 kernels are Triton kernels from the hub (GPUs only,
+    # and since 5.25 it fetches them whenever the `kernels` package is installed)
+    model = GptOssForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="eager",
+                                              quantization_config=Mxfp4Config(dequantize=True))
     return model.eval()
 
 
