@@ -70,6 +70,7 @@ class Engine:
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running = 0   # requests in the batches, as of the engine thread's last look
         self._wake = threading.Condition()
         self._batches: dict[str | None, _Batch] = {}   # by adapter (None: the base model)
         self._stopped = False
@@ -82,7 +83,9 @@ class Engine:
         seq.loop = asyncio.get_running_loop()
         seq.events = asyncio.Queue()
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
+            # The queue is what waits beyond the batch: requests that free batch rows will take
+            # at the engine's next step do not count (they may all arrive before it wakes).
+            if len(self._waiting) >= self.max_queue + max(0, self.max_batch - self._running):
                 raise QueueFull(f"the server is at capacity ({self.max_queue} requests waiting)")
             self._waiting.append(seq)
             self.metrics.queue_size.set(len(self._waiting))
@@ -133,6 +136,7 @@ class Engine:
                         seq.emit(None)
                     else:
                         joining.append(seq)
+                self._running = self.max_batch - room + len(joining)
                 self.metrics.queue_size.set(len(self._waiting))
             for adapter in dict.fromkeys([s.adapter for s in joining] + list(self._batches)):
                 batch = self._batches.setdefault(adapter, _Batch(self.model, self.metrics))
@@ -144,7 +148,9 @@ class Engine:
                     batch.fail(f"generation failed: {e}")
                 if not batch.active:
                     del self._batches[adapter]
-            self.metrics.active.set(sum(len(b.active) for b in self._batches.values()))
+            with self._wake:
+                self._running = sum(len(b.active) for b in self._batches.values())
+            self.metrics.active.set(self._running)
 
 
 def _select_adapter(model: Transformer, name: str | None) -> None:
