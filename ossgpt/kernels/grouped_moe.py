@@ -30,12 +30,6 @@ PAIRWISE_PAIRS = 32
 _grouped_mm_fails: set[tuple[str, torch.dtype]] = set()   # (device type, dtype) seen to raise
 
 
-def _swiglu(h: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
-    # as model.swiglu: interleaved (gate, linear) columns, the linear half clamped both ways
-    gate, linear = h[..., ::2].clamp(max=limit), h[..., 1::2].clamp(min=-limit, max=limit)
-    return gate * torch.sigmoid(alpha * gate) * (linear + 1)
-
-
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """x (P, in) sorted by expert, weight (E, out, in), ends (E,) int32 cumulative group sizes
     -> (P, out), each row multiplied by its group's matrix."""
@@ -61,6 +55,7 @@ def moe(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts,
         limit: float, alpha: float = 1.702) -> torch.Tensor:
     """sum_j gates[n, j] * expert_{indices[n, j]}(x[n]) for x (N, C) -> float32 (N, C), as
     MoE.grouped computes it (products in x's dtype, then float32)."""
+    from ..model import swiglu   # the model imports this package
     N, k = indices.shape
     E = experts.mlp1_bias.shape[0]
     flat = indices.reshape(-1)
@@ -72,7 +67,7 @@ def moe(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts,
     b2 = experts.mlp2_bias.to(x.dtype)[expert]
     if experts.packed and flat.numel() <= PAIRWISE_PAIRS:
         w1 = mxfp4.dequantize(experts.mlp1_blocks[expert], experts.mlp1_scales[expert], x.dtype)
-        h = _swiglu(torch.baddbmm(b1[:, :, None], w1, xs[:, :, None])[..., 0], limit, alpha)
+        h = swiglu(torch.baddbmm(b1[:, :, None], w1, xs[:, :, None])[..., 0], limit, alpha)
         del w1
         w2 = mxfp4.dequantize(experts.mlp2_blocks[expert], experts.mlp2_scales[expert], x.dtype)
         y = torch.baddbmm(b2[:, :, None], w2, h[:, :, None])[..., 0]
@@ -86,7 +81,7 @@ def moe(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts,
                 continue
             rows = slice(start, start + n)
             w1 = mxfp4.dequantize(experts.mlp1_blocks[e], experts.mlp1_scales[e], x.dtype)
-            h[rows] = _swiglu(torch.addmm(b1[rows], xs[rows], w1.T), limit, alpha)
+            h[rows] = swiglu(torch.addmm(b1[rows], xs[rows], w1.T), limit, alpha)
             w2 = mxfp4.dequantize(experts.mlp2_blocks[e], experts.mlp2_scales[e], x.dtype)
             y[rows] = torch.addmm(b2[rows], h[rows], w2.T)
             start += n
@@ -96,7 +91,7 @@ def moe(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts,
             0, flat, torch.ones_like(flat, dtype=torch.int32))
         ends = torch.cumsum(counts, 0, dtype=torch.int32)
         w1, w2 = experts.mlp1_weight.to(x.dtype), experts.mlp2_weight.to(x.dtype)
-        h = _swiglu(_grouped_linear(xs, w1, ends) + b1, limit, alpha)
+        h = swiglu(_grouped_linear(xs, w1, ends) + b1, limit, alpha)
         y = _grouped_linear(h, w2, ends) + b2
     weighted = y.float() * gates.reshape(-1)[order, None].float()
     return torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, weighted)
