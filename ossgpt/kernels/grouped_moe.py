@@ -63,8 +63,8 @@ def moe(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts,
     expert = flat[order]
     token = order // k
     xs = x[token]                                        # (P, C)
-    b1 = experts.mlp1_bias.to(x.dtype)[expert]
-    b2 = experts.mlp2_bias.to(x.dtype)[expert]
+    b1 = experts.mlp1_bias[expert].to(x.dtype)            # only the routed rows converted
+    b2 = experts.mlp2_bias[expert].to(x.dtype)
     if experts.packed and flat.numel() <= PAIRWISE_PAIRS:
         w1 = mxfp4.dequantize(experts.mlp1_blocks[expert], experts.mlp1_scales[expert], x.dtype)
         h = swiglu(torch.baddbmm(b1[:, :, None], w1, xs[:, :, None])[..., 0], limit, alpha)
