@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import kernels
 from .checkpoint import hugepages
 from .generate import decode_step, prefill
 from .model import Transformer
@@ -31,6 +32,7 @@ class BenchResult:
     huge_pages_gib: float = 0.0        # weights in huge pages after loading (Linux; see hugepages.py)
     experts: str = "mxfp4"             # how the experts were held: mxfp4 or dense
     peak_gpu_gib: float = 0.0          # peak GPU memory allocated (on a GPU)
+    cpu_kernels: str = ""              # the CPU kernels' instruction-set level (kernels.isa()), on the CPU
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -113,4 +115,5 @@ def run(ref: str, prompt_tokens: int = 512, decode_steps: int = 32, batches: tup
                        any(isinstance(m, PackedLinear) for m in model.modules()), round(huge, 3),
                        "mxfp4" if model.blocks[0].mlp.experts.packed else "dense",
                        round(torch.cuda.max_memory_allocated(model.device) / 2**30, 3)
-                       if model.device.type == "cuda" else 0.0)
+                       if model.device.type == "cuda" else 0.0,
+                       kernels.isa() if model.device.type == "cpu" else "")

@@ -10,18 +10,25 @@ from .errors import OssgptError
 DTYPES = ("bfloat16", "float32", "float16")
 
 
-def _load(model: str, device: str, dtype: str, pack_dense: bool = True):
+def _load(model: str, device: str, dtype: str, pack_dense: bool = True, verbose: bool = False):
     """The model for a command; inference commands keep its dense weights packed on the CPU
-    (packed_bf16.py: lossless, faster decode), training and merging need them plain."""
+    (packed_bf16.py: lossless, faster decode), training and merging need them plain. `verbose`
+    says where it runs: device, threads, and the CPU kernels' instruction-set level."""
     import torch
 
+    from . import kernels
     from .checkpoint import load, resolve
 
     if dtype not in DTYPES:
         raise OssgptError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     directory, fmt = resolve(model)
     print(f"Loading {directory} ({fmt} layout)", file=sys.stderr, flush=True)
-    return load(directory, device=device, dtype=getattr(torch, dtype), progress=True, pack_dense=pack_dense)
+    net = load(directory, device=device, dtype=getattr(torch, dtype), progress=True, pack_dense=pack_dense)
+    if verbose:
+        where = (f"cpu, {torch.get_num_threads()} threads, CPU kernels {kernels.isa()}"
+                 if net.device.type == "cpu" else str(net.device))
+        print(f"Running on {where}; {dtype}", file=sys.stderr, flush=True)
+    return net
 
 
 def _sampling(temperature: float, top_p: float, top_k: int, seed: int | None):
@@ -75,7 +82,8 @@ def generate(model: str = "nano", prompt: str | None = None, max_tokens: int = 2
 def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | None = None,
          developer: str | None = None, tools: str | None = None, show_reasoning: bool = False,
          max_tokens: int = 4096, temperature: float = 1.0, top_p: float = 1.0,
-         seed: int | None = None, device: str = "auto", dtype: str = "bfloat16") -> None:
+         seed: int | None = None, device: str = "auto", dtype: str = "bfloat16",
+         verbose: bool = False) -> None:
     """Chat in the harmony format; reads one prompt from stdin when it is not a terminal.
 
     model: nano (bundled), a checkpoint directory (original/ or Hugging Face layout) or hub id
@@ -89,7 +97,8 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
     top_p: nucleus sampling mass
     seed: random seed, for reproducible sampling
     device: cpu, cuda or auto
-    dtype: bfloat16, float32 or float16"""
+    dtype: bfloat16, float32 or float16
+    verbose: say where it runs (device, threads, the CPU kernels' instruction set)"""
     from .chat import ChatSession, run_repl
 
     if reasoning_effort not in ("low", "medium", "high"):
@@ -97,7 +106,7 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
     sampling = _sampling(temperature, top_p, 0, seed)
     tool_defs, run_tool = _tools(tools)
     scripted = _read_stdin_prompt()
-    net = _load(model, device, dtype)
+    net = _load(model, device, dtype, verbose=verbose)
     session = ChatSession(net, reasoning_effort=reasoning_effort, system=system,
                           developer=developer, tools=tool_defs, sampling=sampling,
                           max_tokens=max_tokens)
@@ -403,8 +412,9 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
         rows += [("peak GPU memory", f"{r.peak_gpu_gib:.2f} GiB")]
     if r.huge_pages_gib:
         rows += [("weights in huge pages", f"{r.huge_pages_gib:.2f} GiB")]
+    kernels = f", CPU kernels {r.cpu_kernels}" if r.cpu_kernels else ""
     print(f"{r.model} on {r.device}, {r.dtype}{' (dense weights packed)' if r.packed_dense else ''}, "
-          f"{r.experts} experts, {r.threads} threads")
+          f"{r.experts} experts, {r.threads} threads{kernels}")
     for name, value in rows:
         print(f"  {name:<28}{value:>16}")
     if json_out:

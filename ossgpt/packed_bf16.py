@@ -112,7 +112,7 @@ def pack_fast(weight: torch.Tensor, empty: Callable[[tuple[int, ...], torch.dtyp
     of rows is done (to release a memory-mapped source as it goes)."""
     R, K = weight.shape
     ext = kernels.cpu_kernels()
-    if ext is None or not hasattr(ext, "pack_bf16") or weight.dtype != torch.bfloat16 or K % 64:
+    if ext is None or weight.dtype != torch.bfloat16 or K % 64:
         return None
     sm, nib, base = empty((R, K), torch.uint8), empty((R, K // 2), torch.uint8), empty((R,), torch.uint8)
     ptrs, cols, vals, listed = [torch.zeros(1, dtype=torch.int64)], [], [], 0
@@ -130,7 +130,7 @@ def pack_fast(weight: torch.Tensor, empty: Callable[[tuple[int, ...], torch.dtyp
 
 def unpack_fast(p: PackedBF16) -> torch.Tensor:
     ext = kernels.cpu_kernels()
-    if ext is None or not hasattr(ext, "unpack_bf16"):
+    if ext is None:
         return unpack(p)
     return ext.unpack_bf16(*p.parts())
 
@@ -174,7 +174,7 @@ class PackedLinear(nn.Module):
 
 def packable(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and weight.shape[1] % 64 == 0 and hasattr(kernels.cpu_kernels(), "pack_bf16"))
+            and weight.shape[1] % 64 == 0 and kernels.cpu_kernels() is not None)
 
 
 def worth_it(p: PackedBF16) -> bool:

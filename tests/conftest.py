@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ossgpt import ModelConfig
+from ossgpt import ModelConfig, kernels
 from ossgpt.checkpoint import write_random
+from ossgpt.kernels import build
 from ossgpt.server.subprocess import served
 
 TINY_SEED = 0
@@ -59,6 +60,20 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, tiny_original: Path, tin
         shutil.copy2(f, root / f.name)
     shutil.copytree(tiny_original, root / "original")
     return root
+
+
+@pytest.fixture(params=[level for level in build.all_levels() if level != build.PLAIN])
+def isa(request) -> str:
+    """Each CPU kernel level of this architecture in turn (x86-64: avx2, avx512, avx512bf16;
+    aarch64: neon), active for the test; skipped, with the reason, where this CPU cannot run it
+    or there is no compiler. The plain path is what the tests compare them with."""
+    level = request.param
+    if level not in build.supported_levels():
+        pytest.skip(f"this CPU cannot run {level}")
+    if build.build(level) is None:
+        pytest.skip(f"the CPU kernels for {level} do not compile here")
+    with kernels.use_isa(level):
+        yield level
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,6 @@ dequantizer bit for bit against mxfp4.dequantize."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,9 +12,6 @@ import torch.nn.functional as F
 import ossgpt
 from ossgpt import kernels, model, mxfp4
 from ossgpt.model import MoE
-
-pytestmark = pytest.mark.skipif(kernels.cpu_kernels() is None, reason="no C++ compiler here")
-
 
 def _random_moe(config, dtype: torch.dtype, seed: int = 0) -> MoE:
     g = torch.Generator().manual_seed(seed)
@@ -50,7 +43,7 @@ def _routed(moe: MoE, x: torch.Tensor):
 
 @pytest.mark.parametrize("tokens", [1, 3, 9, 40])
 @torch.inference_mode()
-def test_fused_moe_matches_plain_float32(odd_config, tokens):
+def test_fused_moe_matches_plain_float32(isa, odd_config, tokens):
     moe = _random_moe(odd_config, torch.float32)
     x = torch.randn(tokens, odd_config.hidden_size, generator=torch.Generator().manual_seed(tokens))
     t, idx, gates = _routed(moe, x)
@@ -62,7 +55,7 @@ def test_fused_moe_matches_plain_float32(odd_config, tokens):
 
 @pytest.mark.parametrize("tokens", [1, 6, 40, 100])
 @torch.inference_mode()
-def test_fused_moe_bf16_within_the_plain_paths_error(odd_config, tokens):
+def test_fused_moe_bf16_within_the_plain_paths_error(isa, odd_config, tokens):
     """bf16: the fused kernel's products are exact and its sums float32, so its error against
     the float32 model is no worse than the plain bf16 path's (its own bf16 band). 1 and 6 tokens
     take the in-register path, 40 and 100 (8 and 20 per expert) the dequantized panels."""
@@ -79,7 +72,7 @@ def test_fused_moe_bf16_within_the_plain_paths_error(odd_config, tokens):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_logits_fused_equal_plain(tiny_original, unequal_prompts, decode_logits, monkeypatch, dtype):
+def test_model_logits_fused_equal_plain(isa, tiny_original, unequal_prompts, decode_logits, monkeypatch, dtype):
     net = ossgpt.load(tiny_original, dtype=dtype, progress=False)
     prompts = unequal_prompts
     monkeypatch.setattr(model, "USE_KERNELS", True)
@@ -103,7 +96,7 @@ def test_model_logits_fused_equal_plain(tiny_original, unequal_prompts, decode_l
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8])
 @torch.inference_mode()
-def test_linear_equals_exact_products_summed_in_float32(rows):
+def test_linear_equals_exact_products_summed_in_float32(isa, rows):
     """The decode products: bf16 products are exact, so the kernel is x.float() @ w.float().T
     (summed in another order) rounded once to bf16. 37 outputs: not a multiple of any tile."""
     g = torch.Generator().manual_seed(rows)
@@ -137,7 +130,7 @@ def test_flash_attention_with_sinks_equals_plain():
 
 @pytest.mark.parametrize("D", [64, 16])
 @torch.inference_mode()
-def test_decode_attention_equals_plain(D):
+def test_decode_attention_equals_plain(isa, D):
     """Decode attention (one new token per sequence) in bf16 against model.sdpa_with_sinks on
     the same bf16 inputs in float32: one rounding to bf16 apart. The keys are a cache's strided
     view; one row is left-padded, one has no key to attend (the sink takes all: output 0);
@@ -164,7 +157,7 @@ def test_decode_attention_equals_plain(D):
 
 @pytest.mark.parametrize("batch", [1, 3, 7])
 @torch.inference_mode()
-def test_attention_inputs_equal_plain_modules(tiny_config, batch):
+def test_attention_inputs_equal_plain_modules(isa, tiny_config, batch):
     """Decode's fused norm, q/k/v products and rotary embedding against the plain modules, bf16:
     the same roundings, so equal but for a rare last-bit flip (a float32 sum in another order
     crossing a bf16 rounding boundary). Head dim 64; 1-4 and 5-8 token rows take two kernels."""
@@ -190,7 +183,7 @@ def test_attention_inputs_equal_plain_modules(tiny_config, batch):
     assert kernels.attention_inputs(torch.randn(9, 1, 96).bfloat16(), attn, nine, nine) is None  # > 8 rows
 
 
-def test_dequantize_bf16_bit_exact_for_every_scale():
+def test_dequantize_bf16_bit_exact_for_every_scale(isa):
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (256, 3, 16), generator=g, dtype=torch.uint8)
     scales = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 3).contiguous()
@@ -201,7 +194,7 @@ def test_dequantize_bf16_bit_exact_for_every_scale():
     assert torch.equal(fast[~nan].view(torch.int16), plain[~nan].view(torch.int16))
 
 
-def test_grad_and_wrapped_experts_take_the_plain_path(odd_config):
+def test_grad_and_wrapped_experts_take_the_plain_path(isa, odd_config):
     moe = _random_moe(odd_config, torch.float32)
     x = torch.randn(4, odd_config.hidden_size, requires_grad=True)
     t, idx, gates = _routed(moe, x)
@@ -209,10 +202,3 @@ def test_grad_and_wrapped_experts_take_the_plain_path(odd_config):
     y = moe(x[None])
     y.sum().backward()
     assert moe.experts.mlp2_bias.grad is not None and x.grad is not None
-
-
-def test_disabled_by_environment():
-    code = "from ossgpt import kernels; print(kernels.cpu_kernels() is None)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OSSGPT_KERNELS": "0"})
-    assert out.stdout.strip() == "True"

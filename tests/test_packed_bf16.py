@@ -14,9 +14,6 @@ import ossgpt
 from ossgpt import kernels, model, packed_bf16
 from ossgpt.packed_bf16 import PackedLinear, pack, pack_fast, unpack, unpack_fast
 
-pytestmark = pytest.mark.skipif(kernels.cpu_kernels() is None, reason="no C++ compiler here")
-
-
 def _weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     """Normal rows of different scales, with every kind of value the format must list or keep:
     zeros of both signs, subnormals, values far outside a row's window, inf and nan."""
@@ -36,7 +33,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shape", [(37, 64), (5, 128), (300, 2880)])
-def test_pack_is_lossless_and_the_kernel_matches_the_reference(shape):
+def test_pack_is_lossless_and_the_kernel_matches_the_reference(isa, shape):
     w = _weight(*shape)
     ref = pack(w)
     fast = pack_fast(w, rows_per_call=16)             # several calls, stitched together
@@ -59,7 +56,7 @@ def test_normal_rows_pack_to_three_quarters():
     assert not packed_bf16.worth_it(pack(spread.bfloat16().view(64, 64)))
 
 
-def test_pack_rejects_what_it_cannot_hold():
+def test_pack_rejects_what_it_cannot_hold(isa):
     with pytest.raises(ValueError, match="multiple of 64 columns"):
         pack(torch.zeros(4, 96, dtype=torch.bfloat16))
     assert pack_fast(torch.zeros(4, 96, dtype=torch.bfloat16)) is None
@@ -69,7 +66,7 @@ def test_pack_rejects_what_it_cannot_hold():
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("shape", [(37, 64), (300, 2880)])
 @torch.inference_mode()
-def test_decode_products_equal_the_dense_ones(rows, shape):
+def test_decode_products_equal_the_dense_ones(isa, rows, shape):
     g = torch.Generator().manual_seed(rows)
     w = (torch.randn(*shape, generator=g) / math.sqrt(shape[1])).bfloat16()
     w[1, 3] = 1e-12                                   # a listed element that counts
@@ -84,7 +81,7 @@ def test_decode_products_equal_the_dense_ones(rows, shape):
 
 
 @torch.inference_mode()
-def test_packed_linear_module():
+def test_packed_linear_module(isa):
     w, b = _weight(40, 128), torch.randn(40).bfloat16()
     w = torch.nan_to_num(w, posinf=1.0, neginf=-1.0, nan=0.0)
     lin = model.Linear(128, 40).to(torch.bfloat16)
@@ -104,7 +101,7 @@ def test_packed_linear_module():
 
 
 @pytest.mark.parametrize("layout", ["original", "hf"])
-def test_loaded_packed_gives_the_plain_models_logits(tiny_original, tiny_hf, tiny_config, unequal_prompts,
+def test_loaded_packed_gives_the_plain_models_logits(isa, tiny_original, tiny_hf, tiny_config, unequal_prompts,
                                                      decode_logits, layout):
     directory = tiny_original if layout == "original" else tiny_hf
     plain = ossgpt.load(directory, device="cpu", progress=False)
@@ -121,7 +118,7 @@ def test_loaded_packed_gives_the_plain_models_logits(tiny_original, tiny_hf, tin
     assert ((a - b).norm() / b.norm()).item() <= 1e-3
 
 
-def test_pack_linears_on_a_loaded_model(tiny_original, unequal_prompts, decode_logits):
+def test_pack_linears_on_a_loaded_model(isa, tiny_original, unequal_prompts, decode_logits):
     net = ossgpt.load(tiny_original, device="cpu", progress=False)
     prompts = unequal_prompts[2:4]
     before = decode_logits(net, prompts, steps=2)
@@ -132,6 +129,6 @@ def test_pack_linears_on_a_loaded_model(tiny_original, unequal_prompts, decode_l
     assert (after == before).float().mean() >= 0.99
 
 
-def test_float32_and_unpacked_loads_stay_plain(tiny_original):
+def test_float32_and_unpacked_loads_stay_plain(isa, tiny_original):
     net = ossgpt.load(tiny_original, device="cpu", dtype=torch.float32, progress=False, pack_dense=True)
     assert not any(isinstance(m, PackedLinear) for m in net.modules())

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from .. import packed_bf16
+from .. import kernels, packed_bf16
 from ..compact_vocab import CompactVocab
 from ..config import ConfigError, ModelConfig
 from ..errors import OssgptError
@@ -328,6 +328,8 @@ def load(ref: str | os.PathLike, device: str | torch.device = "auto",
     files = TensorFiles(directory)
     with torch.device("meta"):
         model = Transformer(config, packed_experts=is_packed(files, fmt))
+    if device.type == "cpu":
+        kernels.cpu_kernels()    # compiled on first use: its notice comes before the load bar
     pack = frozenset()
     if pack_dense and device.type == "cpu" and dtype == torch.bfloat16:
         pack = frozenset(f"{name}.weight" for name, m in model.named_modules() if type(m) is Linear)

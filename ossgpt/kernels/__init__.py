@@ -1,52 +1,80 @@
 """Fast kernels behind a small interface; the plain PyTorch code in ossgpt/model.py and
 ossgpt/mxfp4.py is the reference they are tested against (tests/test_kernels.py,
-tests/test_grouped_moe.py). On the CPU, C++; on GPUs, grouped_moe.py's sync-free mixture of
-experts (the rest of the model runs its plain PyTorch there).
+tests/test_grouped_moe.py). On the CPU, C++ (ossgpt/kernels/cpu) built for the best instruction
+set this CPU has (build.py); on GPUs, grouped_moe.py's sync-free mixture of experts (the rest of
+the model runs its plain PyTorch there).
 
-The C++ sources (mxfp4_cpu.cpp, linear_cpu.cpp, attention_cpu.cpp, packed_bf16_cpu.cpp,
-bindings.cpp and their headers) are compiled on first use with torch.utils.cpp_extension (about
-a minute; cached under ~/.cache/torch_extensions). Without a compiler, or with OSSGPT_KERNELS=0,
+Without a compiler, on a CPU none of the levels fits, or with OSSGPT_ISA=plain (OSSGPT_KERNELS=0),
 `cpu_kernels()` is None and the model runs the plain path.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import warnings
-from pathlib import Path
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 import torch
 
-from . import grouped_moe
+from . import build, grouped_moe
 
-_DIR = Path(__file__).parent
-_SOURCES = [_DIR / f for f in ("bindings.cpp", "mxfp4_cpu.cpp", "linear_cpu.cpp", "attention_cpu.cpp",
-                                "packed_bf16_cpu.cpp")]
-_loaded: ModuleType | None = None
-_failed = False
+_lock = threading.Lock()
+_chosen: tuple[str, ModuleType | None] | None = None     # (level, extension) once chosen
 
 
 def cpu_kernels() -> ModuleType | None:
-    """The compiled extension (moe_forward, dequantize_bf16), or None where it cannot be built."""
-    global _loaded, _failed
-    if _loaded is not None or _failed:
-        return _loaded
-    if os.environ.get("OSSGPT_KERNELS", "1") == "0":
-        _failed = True
-        return None
+    """The extension of the level chosen for this CPU (built on first use), or None where the
+    plain path runs."""
+    global _chosen
+    if _chosen is not None:
+        return _chosen[1]
+    with _lock:
+        if _chosen is None:
+            level, note = build.chosen_level()
+            if note:
+                print(f"ossgpt: {note}", file=sys.stderr, flush=True)
+            supported = build.supported_levels()
+            chosen: tuple[str, ModuleType | None] = (build.PLAIN, None)
+            for candidate in reversed(supported[1:supported.index(level) + 1]):   # then lower ones
+                module = build.build(candidate)
+                if module is not None:
+                    chosen = (candidate, module)
+                    break
+                if not build.have_compiler():
+                    break                                          # no compiler: no level will build
+            if level != build.PLAIN and chosen[1] is None:
+                print("ossgpt: running the plain PyTorch path (slower)", file=sys.stderr, flush=True)
+            _chosen = chosen
+    return _chosen[1]
+
+
+def isa() -> str:
+    """The instruction-set level the CPU kernels run at here: avx2, avx512, avx512bf16, neon, or
+    plain (the PyTorch path)."""
+    cpu_kernels()
+    return _chosen[0]
+
+
+@contextmanager
+def use_isa(level: str) -> Iterator[ModuleType | None]:
+    """Run the CPU kernels of `level` (plain: none) within the block, for tests and benchmarks
+    that compare levels on one machine. Raises ValueError where this CPU cannot run the level
+    and RuntimeError where it does not compile."""
+    global _chosen
+    if level not in build.supported_levels():
+        raise ValueError(f"this CPU cannot run {level} (it runs {', '.join(build.supported_levels())})")
+    module = None if level == build.PLAIN else build.build(level)
+    if level != build.PLAIN and module is None:
+        raise RuntimeError(f"the CPU kernels for {level} did not compile")
+    cpu_kernels()
+    before = _chosen
+    _chosen = (level, module)
     try:
-        from torch.utils.cpp_extension import load
-        # torch rebuilds when a source or flag changes; the headers' hash as a flag covers them too
-        header = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(_DIR.glob("*.h")))).hexdigest()[:12]
-        flags = ["-O3", "-march=native", "-fopenmp", f"-DOSSGPT_HEADER_{header}"]
-        _loaded = load(name="ossgpt_cpu_kernels", sources=[str(p) for p in _SOURCES],
-                       extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler, no headers: the plain path still works
-        _failed = True
-        warnings.warn(f"ossgpt: CPU kernels unavailable, using the plain PyTorch path ({e})")
-    return _loaded
+        yield module
+    finally:
+        _chosen = before
 
 
 def moe(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts,
@@ -100,7 +128,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor |
             or torch.is_grad_enabled() and (x.requires_grad or getattr(weight, "requires_grad", False))):
         return None
     ext = cpu_kernels()
-    if ext is None or not hasattr(ext, "linear_bf16"):
+    if ext is None:
         return None
     y = ext.linear_bf16(x.reshape(rows, x.shape[-1]), parts, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -124,7 +152,7 @@ def attention_inputs(x: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor
     weights = [_weight_parts(p.packed if type(p) is packed_bf16.PackedLinear else p.weight)
                for p in projections]
     ext = cpu_kernels()
-    if ext is None or not hasattr(ext, "qkv_rope_bf16") or any(w is None for w in weights):
+    if ext is None or any(w is None for w in weights):
         return None
     H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     out = ext.qkv_rope_bf16(x.reshape(B * T, C), attn.norm.weight, attn.norm.eps,
@@ -148,7 +176,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
         return None
     if T == 1:
         ext = cpu_kernels()
-        if (ext is None or not hasattr(ext, "decode_attention") or q.dtype != torch.bfloat16
+        if (ext is None or q.dtype != torch.bfloat16
                 or k.dtype != torch.bfloat16 or D % 16 or D > 128 or H // k.shape[2] > 8):
             return None
         return ext.decode_attention(q.view(B, H, D), k, v, sinks.float(), mask.view(B, -1),
