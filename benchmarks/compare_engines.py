@@ -36,6 +36,13 @@ Decode is memory-bound: the table also gives batch-1 decode as a fraction of the
 this machine's read bandwidth (a torch sum over 1 GiB, best of 5, measured every round) and the bytes each decoded
 token must read (decode_bytes_per_token). Results go to benchmarks/results/compare_<name>.json.
 
+With --isa LEVEL every engine runs as on a CPU whose best instruction set is LEVEL (avx2 or
+avx512), to compare on a machine that has more: ossgpt's kernels at that level (OSSGPT_ISA),
+PyTorch's own kernels and oneDNN's capped to it (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA: the
+prefill products of ossgpt and all of transformers), and llama.cpp from a build for it, given
+with --llama-cpp-path (a `pip install --target` of llama-cpp-python; README, "Comparing engines").
+Memory and caches stay this machine's. The results file ends in -LEVEL.
+
 With --device cuda every engine runs on the GPU: ossgpt with its experts dense where they fit
 (`experts` in its result), transformers with them dequantized (bf16), llama.cpp with every layer
 offloaded if llama-cpp-python was built with CUDA (CMAKE_ARGS="-DGGML_CUDA=on"); the bandwidth
@@ -67,6 +74,10 @@ OPTIONAL_ENGINES = ("ossgpt-bf16",)
 DECODE_CONTEXT = 128
 RESULT_TAG = "@@result "
 LLAMA_INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install llama-cpp-python'
+# What caps PyTorch (its vectorized kernels) and oneDNN (its matmuls) to an instruction set.
+ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+           "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+           "avx512bf16": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}}
 
 
 # -- checkpoint, GGUF, bandwidth (parent process) -------------------------------------------------
@@ -282,6 +293,7 @@ def bench_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
     return {"load_s": round(load_s, 3), "prefill_tok_s": round(len(job["prompt"]) / prefill_s, 2),
             "ttft_s": round(ttft, 4), "decode_tok_s": {"1": round(steps / decode_s, 2)}, "version": llama_cpp.__version__,
             "dtype": "MXFP4 experts, bf16 rest (GGUF)", "threads": threads,
+            "system_info": llama_cpp.llama_print_system_info().decode().strip(),
             "note": "batch > 1 not measured: llama_cpp.Llama decodes one sequence"}
 
 
@@ -315,8 +327,13 @@ def run_worker(engine: str, job: dict[str, Any], cold: bool = False) -> dict[str
     last stdout line is the result."""
     emptied = cold and drop_page_cache()
     print(f"[{engine}] running{' (page cache emptied)' if emptied else ''}", flush=True)
+    env = dict(os.environ)
+    if job.get("isa"):
+        env.update(OSSGPT_ISA=job["isa"], **ISA_ENV.get(job["isa"], {}))
+    if engine == "llama.cpp" and job.get("llama_cpp_path"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [job["llama_cpp_path"], env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, __file__, "--worker", engine], input=json.dumps(job),
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if proc.returncode or not lines:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
@@ -387,6 +404,11 @@ def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def cpu_name() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+
+
 def gpu_name(device: str) -> str | None:
     if device == "cpu":
         return None
@@ -415,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=3, help="rounds of every engine; figures are medians")
     p.add_argument("--name", help="results file name part (default: the checkpoint folder's name)")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    p.add_argument("--isa", choices=sorted(ISA_ENV), help="run every engine as on a CPU with at most this instruction set")
+    p.add_argument("--llama-cpp-path", help="a `pip install --target` folder of llama-cpp-python to use (e.g. built for --isa)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -430,12 +454,15 @@ def main(argv: list[str] | None = None) -> None:
     from ossgpt.bench import random_prompts
     from ossgpt.config import ModelConfig
 
+    if args.llama_cpp_path:
+        args.llama_cpp_path = str(Path(args.llama_cpp_path).expanduser().resolve())
+        sys.path.insert(0, args.llama_cpp_path)       # the converter must match this llama.cpp too
     checkpoint = prepare_checkpoint(args)
     config = ModelConfig.from_file(checkpoint / "config.json")
     load_avg = os.getloadavg()
     batches = [1, 8]
     job = {"checkpoint": str(checkpoint), "threads": args.threads, "seed": 0, "batches": batches,
-           "device": args.device,
+           "device": args.device, "isa": args.isa, "llama_cpp_path": args.llama_cpp_path,
            "decode_steps": args.decode_steps, "prompt": random_prompts(1, args.prompt_tokens, 0)[0],
            "decode_prompts": {str(b): random_prompts(b, min(args.prompt_tokens, DECODE_CONTEXT), 0)
                               for b in batches}}
@@ -491,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     rat = ratios(results)
     for name, rr in rat.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in rr.items()))
-    suffix = "" if args.device == "cpu" else f"-{args.device.split(':')[0]}"
+    suffix = ("" if args.device == "cpu" else f"-{args.device.split(':')[0]}") + (f"-{args.isa}" if args.isa else "")
     out = ROOT / "benchmarks" / "results" / f"compare_{args.name or checkpoint.name}{suffix}.json"
     write_json(out, {
         "checkpoint": str(checkpoint), "config": config.to_dict(), "prompt_tokens": args.prompt_tokens,
@@ -499,7 +526,8 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads, "cpu_count": os.cpu_count(), "load_average_before": load_avg,
         "device": args.device, "gpu": gpu_name(args.device),
         "memory_bandwidth_gbs": round(bandwidth, 2), "bandwidth_per_round_gbs": [round(b, 2) for b in bandwidths],
-        "repeat": args.repeat, "cold_page_cache": cold, "note": args.note,
+        "repeat": args.repeat, "cold_page_cache": cold, "note": args.note, "isa": args.isa,
+        "isa_env": ISA_ENV.get(args.isa or "", {}), "cpu": cpu_name(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results, "ratios": rat})
     print(f"\nwrote {out}")
 

@@ -153,6 +153,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.numel() else 0
+        y = kernels.linear(x, self.packed, self.bias)          # any rows, on levels that take them
+        if y is not None:
+            return y
         if 0 < rows <= DECODE_ROWS:
             # the kernel takes 8 rows a call; more (a server's decode batch) read the weight once
             # per 8, still less than unpacking it whole (prefill's many rows amortize that)

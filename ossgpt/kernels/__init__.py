@@ -118,17 +118,18 @@ def _weight_parts(weight) -> list[torch.Tensor] | None:
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x @ weight.T + bias for up to 8 rows of bf16 x (decode, batches of up to 8) on the CPU,
-    weight bf16 or a packed_bf16.PackedBF16, or None where the kernel does not apply (then
-    F.linear, whose blocking suits more rows)."""
+    """x @ weight.T + bias for bf16 x on the CPU, weight bf16 or a packed_bf16.PackedBF16: up to
+    8 rows (decode, batches of up to 8) at every level, and any number of rows (prefill) where
+    the level has no bf16 products and oneDNN's bf16 matmul would emulate them; None where the
+    kernel does not apply (then F.linear)."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     parts = _weight_parts(weight)
     if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or parts is None
-            or not 0 < rows <= 8 or x.shape[-1] % 32 or parts[0].device.type != "cpu"
+            or rows == 0 or x.shape[-1] % 32 or parts[0].device.type != "cpu"
             or torch.is_grad_enabled() and (x.requires_grad or getattr(weight, "requires_grad", False))):
         return None
     ext = cpu_kernels()
-    if ext is None:
+    if ext is None or rows > 8 and not ext.many_rows:
         return None
     y = ext.linear_bf16(x.reshape(rows, x.shape[-1]), parts, bias)
     return y.view(*x.shape[:-1], weight.shape[0])

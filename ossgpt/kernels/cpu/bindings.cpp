@@ -45,6 +45,11 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("level", [] { return std::string(ossgpt::simd::kLevel); }, "the instruction-set level compiled for");
+#if defined(OSSGPT_BF16_DOT)
+  m.attr("many_rows") = false;   // linear_bf16 takes up to 8 rows: oneDNN's bf16 matmul the rest
+#else
+  m.attr("many_rows") = true;    // linear_bf16 takes any number of rows
+#endif
   m.def("moe_forward", &moe_forward, "fused MXFP4 mixture of experts (CPU)");
   m.def("dequantize_bf16", &dequantize_bf16, "MXFP4 -> bfloat16 (CPU, threaded)");
   m.def("linear_bf16", &linear_bf16, "bf16 matrix-vector products for decode (CPU)");

@@ -26,12 +26,12 @@ ossgpt::linear::Weight weight(std::vector<torch::Tensor>& parts) {
 }
 }  // namespace
 
-// x (N, K) bf16, weight [(R, K) bf16] or packed parts, K % 32 == 0, N <= 8 (decode), bias (R,)
-// bf16 or None -> x @ weight.T + bias as bf16 (N, R).
+// x (N, K) bf16, weight [(R, K) bf16] or packed parts, K % 32 == 0, bias (R,) bf16 or None
+// -> x @ weight.T + bias as bf16 (N, R). N <= 8 (decode) on avx512bf16, any N on the others.
 torch::Tensor linear_bf16(torch::Tensor x, std::vector<torch::Tensor> weight_parts, c10::optional<torch::Tensor> bias) {
   const auto w = weight(weight_parts);
-  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.size(0) <= 8 && w.K == x.size(1) &&
-              x.size(1) % 32 == 0, "linear_bf16: needs bf16 x (N <= 8, K % 32 == 0) and a matching weight");
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && w.K == x.size(1) && x.size(1) % 32 == 0,
+              "linear_bf16: needs bf16 x (K % 32 == 0) and a matching weight");
   x = x.contiguous();
   torch::Tensor b;
   if (bias.has_value()) {

@@ -299,10 +299,47 @@ struct Weight {
   }
 };
 
-// out (N, R) = x (N, K) @ w.T + bias, all bf16, N <= 8.
+#if !defined(OSSGPT_BF16_DOT)
+// Many rows (prefill) on levels without bf16 products, where oneDNN's bf16 matmul is slow
+// (it emulates them: 13 GMAC/s on 2 AVX2 cores, against ~60 for this): each panel of weight rows
+// (dense or packed) is widened to float32 once, sized to stay in L2, and every token passes
+// over it in register tiles.
+inline void forward_many(const uint16_t* x, int64_t N, const Weight& w, const uint16_t* bias, uint16_t* out,
+                         const Parallel& parallel) {
+  const int64_t K = w.K, R = w.R;
+  Buffer<float> xf(N * K);
+  parallel(0, N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b * K; i < e * K; i += simd::W) simd::store(xf.get() + i, simd::load_bf16(x + i));
+  });
+  const int64_t rows = std::max<int64_t>(kPanelRows, (256 << 10) / (K * 4) / kPanelRows * kPanelRows);
+  parallel(0, (R + rows - 1) / rows, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> panel(rows * K), y(N * rows);
+    std::vector<uint16_t> row(K);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r0 = p * rows, n = std::min(rows, R - r0);
+      for (int64_t r = 0; r < n; ++r) {
+        const uint16_t* src = w.dense ? w.dense + (r0 + r) * K : row.data();
+        if (!w.dense) packed::unpack_row(w.packed, r0 + r, row.data());
+        for (int64_t k = 0; k < K; k += simd::W) simd::store(panel.data() + r * K + k, simd::load_bf16(src + k));
+      }
+      gemm<kPanelRows, kPanelTokens>(panel.data(), K, n, xf.get(), K, N, K, y.data(), n, nullptr);
+      for (int64_t m = 0; m < N; ++m)
+        for (int64_t r = 0; r < n; ++r) out[m * R + r0 + r] = finish(y[m * n + r], bias, r0 + r);
+    }
+  });
+}
+#endif
+
+// out (N, R) = x (N, K) @ w.T + bias, all bf16; N <= 8 on the avx512bf16 level (oneDNN's bf16
+// matmul takes more rows there), any N on the others.
 inline void forward(const uint16_t* x, int64_t N, const Weight& w, const uint16_t* bias, uint16_t* out,
                     const Parallel& parallel) {
-  if (N < 1 || N > 8 || w.K % 32) throw std::invalid_argument("linear_bf16: needs 1..8 rows of K % 32 == 0 inputs");
+  if (N < 1 || w.K % 32) throw std::invalid_argument("linear_bf16: needs rows of K % 32 == 0 inputs");
+#if defined(OSSGPT_BF16_DOT)
+  if (N > 8) throw std::invalid_argument("linear_bf16: at most 8 rows on this level");
+#else
+  if (N > 8) return forward_many(x, N, w, bias, out, parallel);
+#endif
   const Inputs in(x, N, w.K, w.dense != nullptr, w.dense == nullptr);
   parallel(0, w.R, row_grain(w.K), [&](int64_t r0, int64_t r1) {
     w.product((int)N, in, bias, out, w.R, r0, r1);

@@ -39,19 +39,22 @@ inline void swiglu_row(const float* h, int64_t I, float limit, float alpha, floa
 //   F32Pairs:  float32, per block of 32 the even elements then the odd ones (mxfp4::rows_matmul,
 //              and the float32 panels, dequantized in the same order);
 //   Bf16Quads: bf16 in the order of mxfp4::rows_matmul_bf16's registers, padded to whole quads;
-//   Bf16Plain: bf16 in element order, for the bf16 panels.
-enum class Layout { F32Pairs, Bf16Quads, Bf16Plain };
+//   Bf16Plain: bf16 in element order, for the bf16 panels;
+//   I16Pairs:  int16 in pair-split order with a scale a block (mxfp4::rows_matmul_i16).
+enum class Layout { F32Pairs, Bf16Quads, Bf16Plain, I16Pairs };
 
 struct Operand {
   Layout layout;
   int64_t K, stride;   // inputs per row; elements per stored row
-  Buffer<float> f32;
-  Buffer<uint16_t> bf16;
+  Buffer<float> f32;       // F32Pairs rows, or I16Pairs' block scales (K / 32 a row)
+  Buffer<uint16_t> bf16;   // Bf16* rows
+  Buffer<int16_t> i16;     // I16Pairs rows
 
   Operand(Layout layout_, int64_t P, int64_t K_)
       : layout(layout_), K(K_), stride(K_),
-        f32(layout_ == Layout::F32Pairs ? P * K_ : 0),
-        bf16(layout_ == Layout::F32Pairs ? 0 : P * row_length(layout_, K_)) {
+        f32(layout_ == Layout::F32Pairs ? P * K_ : layout_ == Layout::I16Pairs ? P * K_ / 32 : 0),
+        bf16(layout_ == Layout::Bf16Quads || layout_ == Layout::Bf16Plain ? P * row_length(layout_, K_) : 0),
+        i16(layout_ == Layout::I16Pairs ? P * K_ : 0) {
     stride = row_length(layout, K);
   }
 
@@ -64,6 +67,8 @@ struct Operand {
 
   const float* f32_row(int64_t i) const { return f32.get() + i * stride; }
   const uint16_t* bf16_row(int64_t i) const { return bf16.get() + i * stride; }
+  const int16_t* i16_row(int64_t i) const { return i16.get() + i * stride; }
+  const float* i16_scales(int64_t i) const { return f32.get() + i * (K / 32); }
 
   // Write row i from K floats, reordered so each packed code meets its input.
   void set_row(int64_t i, const float* src) {
@@ -77,6 +82,8 @@ struct Operand {
         return mxfp4::to_quads(src, K, bf16.get() + i * stride);
 #endif
         throw std::logic_error("moe: bf16 layouts need the avx512bf16 level");
+      case Layout::I16Pairs:
+        return mxfp4::to_i16_pairs(src, K, i16.get() + i * stride, f32.get() + i * (K / 32));
     }
   }
 };
@@ -117,26 +124,35 @@ inline std::vector<Job> make_jobs(const std::vector<int64_t>& starts, int64_t R,
   return jobs;
 }
 
-// The biases of the experts in use as float32, the others left unset: converting a bf16 model's
-// whole (E, R) bias on every call cost more than a decode step's other work.
-inline Buffer<float> used_biases(const ExpertMatrix& w, const std::vector<int64_t>& starts) {
-  const int64_t E = (int64_t)starts.size() - 1;
-  Buffer<float> out(E * w.R);
-  for (int64_t e = 0; e < E; ++e)
-    if (starts[e + 1] > starts[e])
-      for (int64_t r = 0; r < w.R; ++r)
-        out.get()[e * w.R + r] = w.bias_f32 ? w.bias_f32[e * w.R + r] : bf16_to_float(w.bias_bf16[e * w.R + r]);
-  return out;
-}
+// The biases of the experts in use as float32, one row each (row[e] says which; converting a bf16
+// model's whole (E, R) bias on every call cost more than a decode step's other work).
+struct UsedBiases {
+  std::vector<int64_t> row;
+  Buffer<float> data;
+
+  UsedBiases(const ExpertMatrix& w, const std::vector<int64_t>& starts)
+      : row(starts.size() - 1, -1), data(0) {
+    int64_t used = 0;
+    for (size_t e = 0; e + 1 < starts.size(); ++e)
+      if (starts[e + 1] > starts[e]) row[e] = used++;
+    data = Buffer<float>(used * w.R);
+    for (size_t e = 0; e < row.size(); ++e)
+      if (row[e] >= 0)
+        for (int64_t r = 0; r < w.R; ++r)
+          data.get()[row[e] * w.R + r] = w.bias_f32 ? w.bias_f32[e * w.R + r] : bf16_to_float(w.bias_bf16[e * w.R + r]);
+  }
+
+  const float* of(int64_t expert, int64_t R) const { return data.get() + row[expert] * R; }
+};
 
 // y (P, R) = x @ W_e.T + b_e, each row of x multiplied by the expert its (token, slot) pair
 // routes to; `starts` delimits each expert's rows of x.
 inline void expert_matmul(const Operand& x, bool panels, const std::vector<int64_t>& starts,
                           const ExpertMatrix& w, float* y, const Parallel& parallel) {
   const int64_t R = w.R, G = w.G, K = G * 32;
-  const bool bf16 = x.layout != Layout::F32Pairs;
+  const bool bf16 = x.layout == Layout::Bf16Quads || x.layout == Layout::Bf16Plain;
   const auto jobs = make_jobs(starts, R, panels ? K * (bf16 ? 2 : 4) : G * 17, parallel.threads);
-  const Buffer<float> bias = used_biases(w, starts);
+  const UsedBiases bias(w, starts);
   parallel(0, (int64_t)jobs.size(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> panel;
     std::vector<uint16_t> panel_bf16;
@@ -144,7 +160,7 @@ inline void expert_matmul(const Operand& x, bool panels, const std::vector<int64
       const Job& job = jobs[j];
       const uint8_t* wb = w.blocks + job.expert * R * G * 16;
       const uint8_t* ws = w.scales + job.expert * R * G;
-      const float* b = bias.get() + job.expert * R;
+      const float* b = bias.of(job.expert, R);
       const int64_t t0 = starts[job.expert], t_end = starts[job.expert + 1], rows = job.r1 - job.r0;
       if (panels && bf16) {   // many tokens: dequantize the rows once into a panel, then a GEMM
 #if defined(OSSGPT_BF16_DOT)
@@ -171,6 +187,10 @@ inline void expert_matmul(const Operand& x, bool panels, const std::vector<int64
           continue;
         }
 #endif
+        if (x.layout == Layout::I16Pairs) {
+          mxfp4::tile_matmul_i16(n, wb, ws, G, x.i16_row(t), x.i16_scales(t), y + t * R, R, b, job.r0, job.r1);
+          continue;
+        }
         mxfp4::tile_matmul(n, wb, ws, G, x.f32_row(t), y + t * R, R, b, job.r0, job.r1);
       }
     }
@@ -203,8 +223,7 @@ inline void forward(const float* x, bool bf16, const int64_t* indices, const flo
 #if defined(OSSGPT_BF16_DOT)
   const Layout layout = !bf16 ? Layout::F32Pairs : panels ? Layout::Bf16Plain : Layout::Bf16Quads;
 #else
-  (void)bf16;
-  const Layout layout = Layout::F32Pairs;
+  const Layout layout = bf16 && !panels ? Layout::I16Pairs : Layout::F32Pairs;
 #endif
   Operand xs(layout, P, C);
   parallel(0, P, 16, [&](int64_t b, int64_t e) {

@@ -173,6 +173,118 @@ inline void tile_matmul(int M, const uint8_t* blocks, const uint8_t* scales, int
   }
 }
 
+// -- bf16 activations as 16-bit integers ----------------------------------------------------------
+//
+// The float32 products above spend most of their instructions turning codes into floats (on
+// AVX2, 21 a block, where 2 cores' memory brings a block in the time of ~5). Here the codes stay
+// integers and meet x as int16 in integer multiply-adds (vpmaddwd, smlal: 15 a block on AVX2).
+// Each block of 32 inputs is held as integers on the scale of its largest element:
+// q = x * 2**(15 - e), 2**(e - 1) <= max |x| < 2**e. A bf16 input within 2**7 of the block's
+// largest is exact so; smaller ones are rounded to 2**(e - 16), a 2**-15 fraction of the largest
+// (bf16 itself rounds each element to 2**-9 of its own size). The integer sums are exact
+// (|sum| < 32 * 12 * 2**15 < 2**24), and so is each block's scaling. Used for bf16 models' decode
+// (and the SwiGLU's float32 output between their two products, which the plain bf16 path rounds
+// to bf16); float32 models keep the float products.
+
+// x (K floats) -> int16 in pair-split order, and each block's scale 2**(e - 15)
+inline void to_i16_pairs(const float* x, int64_t K, int16_t* q, float* scale) {
+  for (int64_t g = 0; g < K / 32; ++g) {
+    const float* b = x + g * 32;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(b[j]));
+    int16_t* out = q + g * 32;
+    if (!(amax > 0.f) || !std::isfinite(amax)) {     // zeros; or inf / NaN: the sum is NaN
+      std::fill(out, out + 32, int16_t(0));
+      scale[g] = amax == 0.f ? 0.f : NAN;
+      continue;
+    }
+    int e;
+    std::frexp(amax, &e);
+    const float up = std::ldexp(1.f, 15 - e);
+    scale[g] = std::ldexp(1.f, e - 15);
+    // |x| * up < 2**15; a float32 input (the SwiGLU's output) may round up to it
+    auto to_int = [up](float v) { return (int16_t)std::clamp(std::nearbyint(v * up), -32767.f, 32767.f); };
+    for (int j = 0; j < 16; ++j) {
+      out[j] = to_int(b[2 * j]);
+      out[16 + j] = to_int(b[2 * j + 1]);
+    }
+  }
+}
+
+// One block's codes (as the integers 2 * E2M1) dotted with its 32 int16 inputs (pair-split),
+// exactly, as W partial sums in float32.
+inline simd::F i16_block_dot(const uint8_t* b, const int16_t* q) {
+#if defined(OSSGPT_AVX512)
+  const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  const __m128i bytes = _mm_loadu_si128((const __m128i*)b), low4 = _mm_set1_epi8(0x0F);
+  const __m128i even = _mm_shuffle_epi8(lut, _mm_and_si128(bytes, low4));
+  const __m128i odd = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
+  const __m512i codes = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(even), odd, 1));
+  return _mm512_cvtepi32_ps(_mm512_madd_epi16(codes, _mm512_loadu_si512(q)));
+#elif defined(OSSGPT_AVX2)
+  const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  const __m128i bytes = _mm_loadu_si128((const __m128i*)b), low4 = _mm_set1_epi8(0x0F);
+  const __m256i even = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(lut, _mm_and_si128(bytes, low4)));
+  const __m256i odd = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(bytes, 4), low4)));
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(even, _mm256_loadu_si256((const __m256i*)q)),
+                                             _mm256_madd_epi16(odd, _mm256_loadu_si256((const __m256i*)(q + 16)))));
+#elif defined(OSSGPT_NEON)
+  const int8x16_t lut = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+  const uint8x16_t bytes = vld1q_u8(b);
+  const int8x16_t even = vqtbl1q_s8(lut, vandq_u8(bytes, vdupq_n_u8(0x0F)));
+  const int8x16_t odd = vqtbl1q_s8(lut, vshrq_n_u8(bytes, 4));
+  int32x4_t sum = vmull_s16(vget_low_s16(vmovl_s8(vget_low_s8(even))), vld1_s16(q));
+  sum = vmlal_high_s16(sum, vmovl_s8(vget_low_s8(even)), vld1q_s16(q));
+  sum = vmlal_s16(sum, vget_low_s16(vmovl_high_s8(even)), vld1_s16(q + 8));
+  sum = vmlal_high_s16(sum, vmovl_high_s8(even), vld1q_s16(q + 8));
+  sum = vmlal_s16(sum, vget_low_s16(vmovl_s8(vget_low_s8(odd))), vld1_s16(q + 16));
+  sum = vmlal_high_s16(sum, vmovl_s8(vget_low_s8(odd)), vld1q_s16(q + 16));
+  sum = vmlal_s16(sum, vget_low_s16(vmovl_high_s8(odd)), vld1_s16(q + 24));
+  sum = vmlal_high_s16(sum, vmovl_high_s8(odd), vld1q_s16(q + 24));
+  return vcvtq_f32_s32(sum);
+#endif
+}
+
+// rows_matmul for int16 x (pair-split rows of K, and K / 32 scales a row).
+template <int M>
+void rows_matmul_i16(const uint8_t* blocks, const uint8_t* scales, int64_t G, const int16_t* q,
+                     const float* qscale, float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
+  const int64_t K = G * 32;
+  const Scales& sc_table = scale_table();
+  constexpr int U = M <= 4 ? 2 : 1;
+  for (int64_t r = r0; r < r1; ++r) {
+    simd::F acc[U][M];
+    for (int u = 0; u < U; ++u)
+      for (int m = 0; m < M; ++m) acc[u][m] = simd::zero();
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* b = blocks + (r * G + g) * 16;
+      const float ws = sc_table.half[scales[r * G + g]];
+      for (int m = 0; m < M; ++m)
+        acc[g % U][m] = simd::fmadd(i16_block_dot(b, q + m * K + g * 32), simd::set1(ws * qscale[m * G + g]),
+                                    acc[g % U][m]);
+    }
+    for (int m = 0; m < M; ++m) {
+      simd::F sum = acc[0][m];
+      for (int u = 1; u < U; ++u) sum = simd::add(sum, acc[u][m]);
+      y[m * ldy + r] = simd::reduce(sum) + bias[r];
+    }
+  }
+}
+
+inline void tile_matmul_i16(int M, const uint8_t* blocks, const uint8_t* scales, int64_t G, const int16_t* q,
+                            const float* qscale, float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
+  switch (M) {
+    case 1: return rows_matmul_i16<1>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
+    case 2: return rows_matmul_i16<2>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
+    case 3: return rows_matmul_i16<3>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
+    case 4: return rows_matmul_i16<4>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
+    case 5: return rows_matmul_i16<5>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
+    case 6: return rows_matmul_i16<6>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
+    case 7: return rows_matmul_i16<7>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
+    default: return rows_matmul_i16<8>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
+  }
+}
+
 #if defined(OSSGPT_BF16_DOT)
 // -- bf16 activations with vdpbf16ps (the avx512bf16 level) --------------------------------------
 //
