@@ -1,6 +1,7 @@
 """Every tool call `ossgpt serve` reports is valid: auto-mode requests with several tools offered
 (openai/gpt-oss's six compatibility tools and nano's two), through the real `openai` client, in
-both APIs, streamed and not, sampled; a call cut short by the token budget comes back as text."""
+both APIs, streamed and not, sampled; a call cut short by the token budget comes back as text;
+`tool_choice: "none"` keeps the reply from calling while the tools stay in the prompt."""
 
 from __future__ import annotations
 
@@ -104,3 +105,33 @@ def test_stop_strings_never_cut_a_call(client: openai.OpenAI) -> None:
     assert r.choices[0].finish_reason == "tool_calls"
     assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
 
+
+def test_tool_choice_none(client: openai.OpenAI) -> None:
+    auto = client.chat.completions.create(model="nano", messages=WEATHER, tools=DEMO_TOOLS,
+                                          temperature=0)
+    assert auto.choices[0].finish_reason == "tool_calls"   # nano calls get_weather for this
+    for seed, stream in ((0, False), (1, True), (2, False), (3, True)):
+        kw = dict(model="nano", messages=WEATHER, tools=DEMO_TOOLS, tool_choice="none",
+                  temperature=1, seed=seed, max_tokens=120)
+        if stream:
+            chunks = list(client.chat.completions.create(
+                stream=True, stream_options={"include_usage": True}, **kw))
+            assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+            finish, usage = chunks[-2].choices[0].finish_reason, chunks[-1].usage
+        else:
+            r = client.chat.completions.create(**kw)
+            assert not r.choices[0].message.tool_calls
+            finish, usage = r.choices[0].finish_reason, r.usage
+        assert finish in ("stop", "length")
+        assert usage.prompt_tokens == auto.usage.prompt_tokens   # the tools are still in the prompt
+    tools = as_responses_tools(DEMO_TOOLS)
+    auto = client.responses.create(model="nano", input=WEATHER[0]["content"], tools=tools,
+                                   temperature=0)
+    for seed, stream in ((0, False), (1, True)):
+        kw = dict(model="nano", input=WEATHER[0]["content"], tools=tools, tool_choice="none",
+                  temperature=1, max_output_tokens=120, extra_body={"seed": seed})
+        r = ([e for e in client.responses.create(stream=True, **kw)][-1].response if stream
+             else client.responses.create(**kw))
+        assert r.tool_choice == "none" and r.status in ("completed", "incomplete")
+        assert not any(o.type == "function_call" for o in r.output)
+        assert r.usage.input_tokens == auto.usage.input_tokens
