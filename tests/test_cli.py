@@ -131,11 +131,13 @@ OUT_OF_RANGE = [
     ("make-random", "--output", "x", "--layers", "0"),
     ("train-nano", "--steps", "-5"), ("train-nano", "--batch-tokens", "0"),
     ("train-nano", "--lr", "0"), ("eval-nano", "--n", "0"),
-    ("finetune", "--data", "x", "--lora-rank", "0"), ("finetune", "--data", "x", "--lora-alpha", "-1"),
+    ("finetune", "--data", "x", "--lora-rank", "0"),
+    ("finetune", "--data", "x", "--lora-alpha", "-1"),
     ("finetune", "--data", "x", "--steps", "0"), ("finetune", "--data", "x", "--epochs", "-1"),
     ("finetune", "--data", "x", "--lr", "-0.1"), ("finetune", "--data", "x", "--val-split", "1"),
     ("finetune", "--data", "x", "--micro-batch-tokens", "0"),
-    ("bench", "--prompt-tokens", "0"), ("bench", "--decode-steps", "-2"), ("bench", "--batch", "0,8"),
+    ("bench", "--prompt-tokens", "0"), ("bench", "--decode-steps", "-2"),
+    ("bench", "--batch", "0,8"),
 ]
 
 

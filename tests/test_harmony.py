@@ -410,13 +410,15 @@ def test_incomplete_character_at_end_of_stream():
     assert reply.content.startswith("👩") and "<|" not in reply.content
 
 
-CALL_TEXT = ("<|channel|>analysis<|message|>Call it.<|end|><|start|>assistant to=functions.get_weather"
-             '<|channel|>commentary <|constrain|>json<|message|>{"city": "Paris"}<|call|>')
+CALL_TEXT = ("<|channel|>analysis<|message|>Call it.<|end|>"
+             "<|start|>assistant to=functions.get_weather<|channel|>commentary"
+             ' <|constrain|>json<|message|>{"city": "Paris"}<|call|>')
 
 
 def test_a_call_comes_whole_once_complete():
     parser = ReplyParser({"get_weather"})
-    deltas = [d for t in get_tokenizer().encode(CALL_TEXT, allow_special=True) if (d := parser.push(t))]
+    tokens = get_tokenizer().encode(CALL_TEXT, allow_special=True)
+    deltas = [d for t in tokens if (d := parser.push(t))]
     assert [(d.channel, d.text, d.call) for d in deltas] == [
         ("analysis", "Call", None), ("analysis", " it", None), ("analysis", ".", None),
         ("commentary", '{"city": "Paris"}', "get_weather")]

@@ -21,7 +21,7 @@ def tokens(text: str) -> list[int]:
     return get_tokenizer().encode(text, allow_special=True)
 
 
-# -- against openai-harmony, on every header it renders ---------------------------------------------
+# -- against openai-harmony, on every header it renders -------------------------------------------
 
 # A content type only beside a recipient: alone, the library reads it as the recipient
 # ("<|channel|>analysis json" -> recipient "json"), which would make any such message a call.
@@ -70,9 +70,10 @@ def test_read_header_agrees_with_the_library_on_channel_first_headers(text):
     assert h.call(TOOLS) == "get_weather"
 
 
-# -- every variant, malformed ones written by hand -----------------------------------------------------
+# -- every variant, malformed ones written by hand -------------------------------------------------
 
-#: header after <|start|>assistant -> (channel, recipient, the function it calls among TOOLS, strict)
+#: header after <|start|>assistant -> (channel, recipient, the function it calls among TOOLS,
+#: strict)
 VARIANTS = {
     "recipient_first": (" to=functions.get_weather<|channel|>commentary <|constrain|>json",
                         "commentary", "functions.get_weather", "get_weather", True),
@@ -95,8 +96,9 @@ VARIANTS = {
     "channel_twice": (" to=functions.get_weather<|channel|>commentary<|channel|>commentary "
                       "<|constrain|>json", "commentary", "functions.get_weather", "get_weather",
                       False),
-    "constrain_before_recipient": ("<|channel|>commentary<|constrain|>json to=functions.get_weather",
-                                   "commentary", "functions.get_weather", "get_weather", False),
+    "constrain_before_recipient": ("<|channel|>commentary<|constrain|>json "
+                                   "to=functions.get_weather", "commentary",
+                                   "functions.get_weather", "get_weather", False),
     "two_recipients": ("<|channel|>commentary to=functions.get_weather to=functions.shell",
                        "commentary", "functions.get_weather", "get_weather", False),
     "words_in_header": ("<|channel|>commentary I will call to=functions.get_weather json",
@@ -176,15 +178,18 @@ def test_framing():
     # Text outside any message opens a headerless body; a terminator there is stray.
     assert events("<|channel|>final<|message|>a<|return|>b<|end|><|end|>") \
         == "header header open content end loose end stray"
-    assert events("<|start|>user<|message|>hi<|end|>", role=None) == "header header open content end"
+    assert events("<|start|>user<|message|>hi<|end|>", role=None) \
+        == "header header open content end"
     framer = Framer()
-    assert [framer.push(t) for t in tokens("<|channel|>final The answer<|return|>")][-1] is Event.END
+    pushed = [framer.push(t) for t in tokens("<|channel|>final The answer<|return|>")]
+    assert pushed[-1] is Event.END
     assert framer.header.text == "The answer" and not framer.in_body
 
 
-# -- the parser and the constraint agree -------------------------------------------------------------
+# -- the parser and the constraint agree -----------------------------------------------------------
 
-ANALYSIS = "<|channel|>analysis<|message|>Weather in Paris: call get_weather.<|end|><|start|>assistant"
+ANALYSIS = ("<|channel|>analysis<|message|>Weather in Paris: call get_weather.<|end|>"
+            "<|start|>assistant")
 
 
 def follow(text: str) -> tuple[list[str], list[str]]:

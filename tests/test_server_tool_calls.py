@@ -29,9 +29,11 @@ def as_responses_tools(tools: list[dict]) -> list[dict]:
 def compatibility() -> tuple[list[dict], list[str]]:
     """-> chat tools (the six of gpt-oss's compatibility test, then nano's demo tools), prompts
     (the test's 30 cases, then two that nano answers with a call)."""
-    tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")}}
+    tools = [{"type": "function", "function": {k: t[k] for k in ("name", "description",
+                                                                 "parameters")}}
              for t in json.loads((COMPAT / "compatibility_tools.json").read_text())]
-    cases = [json.loads(line) for line in (COMPAT / "compatibility_cases.jsonl").read_text().splitlines()]
+    lines = (COMPAT / "compatibility_cases.jsonl").read_text().splitlines()
+    cases = [json.loads(line) for line in lines]
     return tools + DEMO_TOOLS, [c["input"] for c in cases] + ["What's the weather in Lima?",
                                                                "Convert 5 kg to pounds."]
 
@@ -45,8 +47,8 @@ def ask(client: openai.OpenAI, tools: list[dict], prompt: str, i: int) -> tuple[
                   temperature=1, seed=i, max_tokens=budget)
         if not stream:
             choice = client.chat.completions.create(**kw).choices[0]
-            return ([(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []],
-                    choice.finish_reason)
+            calls = choice.message.tool_calls or []
+            return [(c.function.name, c.function.arguments) for c in calls], choice.finish_reason
         calls, finish = {}, None
         for chunk in client.chat.completions.create(stream=True, **kw):
             for tc in chunk.choices[0].delta.tool_calls or []:
@@ -69,7 +71,8 @@ def test_every_reported_tool_call_is_valid(client: openai.OpenAI) -> None:
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
     n = 64
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda i: ask(client, tools, prompts[i % len(prompts)], i), range(n)))
+        results = list(pool.map(lambda i: ask(client, tools, prompts[i % len(prompts)], i),
+                                range(n)))
     calls = [call for reported, _ in results for call in reported]
     for name, arguments in calls:
         jsonschema.validate(json.loads(arguments), schemas[name])

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from ..tokenizer import CALL, END, MESSAGE, RETURN, START, get_tokenizer
 
-TERMINATORS = frozenset((END, RETURN, CALL))
-ROLES = frozenset(("system", "developer", "user", "assistant", "tool"))
-MARKUP = re.compile(r"<\|[a-z_0-9]+\|>")
+_TERMINATORS = frozenset((END, RETURN, CALL))
+_ROLES = frozenset(("system", "developer", "user", "assistant", "tool"))
+_MARKUP = re.compile(r"<\|[a-z_0-9]+\|>")
 _NOT_FUNCTIONS = frozenset(("assistant", "user", "all"))
 _NAME = re.compile(r"[\w.\-]+")
 # A recipient follows the start of the header, a space or markup: "assistant to=functions.f",
@@ -81,7 +81,8 @@ def read_header(text: str, role: str | None = None) -> Header:
     if not opening:
         text = text[len(word):]
         # An unknown word is a tool's name: "<|start|>functions.f to=assistant" is its result.
-        role, name = (word, None) if word in ROLES else ("tool", word) if word else ("assistant", None)
+        role, name = ((word, None) if word in _ROLES else ("tool", word) if word
+                      else ("assistant", None))
     recipients = _RECIPIENT.findall(text)
     channel = _CHANNEL.search(text)
     constrain = _CONSTRAIN.search(text)
@@ -93,10 +94,10 @@ def read_header(text: str, role: str | None = None) -> Header:
     # Content of a message never given <|message|>: what follows its channel, or the whole of
     # plain text the reply opened with; not what follows a role without a channel (garbage).
     said = text[channel.end():] if channel else text if opening else ""
+    strict = bool(_STRICT.fullmatch(text)) and len(recipients) <= 1 and (opening or bool(word))
     return Header(role, name, channel.group(1) if channel else None,
                   recipients[0] if recipients else None, content_type,
-                  MARKUP.sub("", said).strip(),
-                  bool(_STRICT.fullmatch(text)) and len(recipients) <= 1 and (opening or bool(word)))
+                  _MARKUP.sub("", said).strip(), strict)
 
 
 class Event(enum.Enum):
@@ -130,13 +131,13 @@ class Framer:
             self._header, self._role, self.header, self.in_body = [], None, None, False
             return Event.HEADER
         if self._header is not None:
-            if token != MESSAGE and token not in TERMINATORS:
+            if token != MESSAGE and token not in _TERMINATORS:
                 self._header.append(token)
                 return Event.HEADER
             self.header = read_header(get_tokenizer().decode(self._header), self._role)
             self._header, self.in_body = None, token == MESSAGE
             return Event.OPEN if self.in_body else Event.END
-        if token in TERMINATORS:
+        if token in _TERMINATORS:
             ended, self.in_body = self.in_body, False
             return Event.END if ended else Event.STRAY
         if not self.in_body:
