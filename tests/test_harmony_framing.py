@@ -37,7 +37,8 @@ RENDERED = [
      .with_recipient("assistant") for name in ("functions.get_weather", "browser.search")]
 
 
-@pytest.mark.parametrize("message", RENDERED, ids=lambda m: repr(m.to_dict())[:120])
+@pytest.mark.parametrize("message", RENDERED, ids=lambda m: "|".join(
+    str(x) for x in (m.author.role.value, m.author.name, m.channel, m.recipient, m.content_type)))
 def test_read_header_agrees_with_the_library_on_rendered_headers(message):
     rendered = harmony_encoding().render(message)
     header_text = get_tokenizer().decode(rendered[1:rendered.index(MESSAGE)])
