@@ -38,7 +38,8 @@ class ChatSession:
         # A fresh seed per turn: the same seed would replay the first turn's random draws.
         seed = None if self.sampling.seed is None else self.sampling.seed + len(self.history)
         sampling = dataclasses.replace(self.sampling, seed=seed)
-        parser = ReplyParser()
+        tools = self.render_options["tools"] or []
+        parser = ReplyParser({(t.get("function") or t)["name"] for t in tools})
         self.finish_reason = None
         for event in generate(self.model, [prompt], self.max_tokens, sampling, stop_tokens()):
             delta = parser.push(event.token)
@@ -70,7 +71,7 @@ def print_reply(session: ChatSession, deltas: Iterator[ReplyDelta], console: Con
     as `→ name(arguments)` once complete."""
     channel = None
     for delta in deltas:
-        if delta.recipient:               # tool-call arguments: shown whole at the end
+        if delta.call:                    # tool-call arguments: shown at the end
             continue
         if delta.channel == "analysis" and not show_reasoning:
             continue

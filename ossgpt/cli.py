@@ -65,10 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_ranges(args: dict) -> None:
+    """Raise OssgptError for the first numeric option outside its range (commands.RANGES)."""
+    for name, value in args.items():
+        if name in commands.RANGES and value is not None:
+            allowed, text = commands.RANGES[name]
+            if not allowed(value):
+                flag = "--" + name.replace("_", "-")
+                raise OssgptError(f"{flag} must be {text}, got {value}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = vars(build_parser().parse_args(argv))
     fn = COMMANDS[args.pop("command")]
     try:
+        check_ranges(args)
         fn(**args)
     except KeyboardInterrupt:
         sys.exit(130)

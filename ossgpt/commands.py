@@ -3,11 +3,39 @@ Heavy imports happen inside each function, so `ossgpt --help` stays quick."""
 
 from __future__ import annotations
 
+import math
 import sys
+from collections.abc import Callable
 
 from .errors import OssgptError
 
 DTYPES = ("bfloat16", "float32", "float16")
+
+
+Range = tuple[Callable[[float], bool], str]   # the test, and how an error message says it
+
+
+def _at_least(low: int) -> Range:
+    return lambda x: low <= x < math.inf, f">= {low}"
+
+
+def _above(low: float) -> Range:
+    return lambda x: low < x < math.inf, f"> {low}"
+
+
+# The allowed values of the numeric options, by name: a name means the same in every command.
+# cli.main checks them before a command runs, so a bad number is one error line, not a traceback
+# or a silent default; NaN and infinity fail every check.
+RANGES: dict[str, Range] = {
+    "max_tokens": _at_least(1), "temperature": _at_least(0), "top_k": _at_least(0),
+    "top_p": (lambda x: 0 < x <= 1, "in (0, 1]"),
+    "port": (lambda x: 1 <= x <= 65535, "in [1, 65535]"),
+    "max_batch": _at_least(1), "max_queue": _at_least(1), "max_model_len": _at_least(2),
+    "layers": _at_least(1), "steps": _at_least(1), "n": _at_least(1), "lr": _above(0),
+    "batch_tokens": _at_least(1), "micro_batch_tokens": _at_least(1), "lora_rank": _at_least(1),
+    "lora_alpha": _above(0), "epochs": _above(0), "val_split": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "prompt_tokens": _at_least(1), "decode_steps": _at_least(1),
+}
 
 
 def _load(model: str, device: str, dtype: str, pack_dense: bool = True, verbose: bool = False):
@@ -31,15 +59,6 @@ def _load(model: str, device: str, dtype: str, pack_dense: bool = True, verbose:
     return net
 
 
-def _sampling(temperature: float, top_p: float, top_k: int, seed: int | None):
-    from .sampling import SamplingParams
-
-    try:
-        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    except ValueError as e:
-        raise OssgptError(str(e)) from None
-
-
 def _read_stdin_prompt() -> str | None:
     if sys.stdin is None or sys.stdin.isatty():
         return None
@@ -61,12 +80,13 @@ def generate(model: str = "nano", prompt: str | None = None, max_tokens: int = 2
     device: cpu, cuda or auto
     dtype: bfloat16, float32 or float16"""
     from .generate import generate as run
+    from .sampling import SamplingParams
     from .tokenizer import IncrementalDecoder, Tokenizer, get_tokenizer
 
     prompt = prompt if prompt is not None else _read_stdin_prompt()
     if not prompt:
         raise OssgptError("no prompt: pass --prompt TEXT or pipe text on stdin")
-    sampling = _sampling(temperature, top_p, top_k, seed)
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     net = _load(model, device, dtype)
     tokenizer = get_tokenizer()
     decoder = IncrementalDecoder(tokenizer)
@@ -100,10 +120,11 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
     dtype: bfloat16, float32 or float16
     verbose: say where it runs (device, threads, the CPU kernels' instruction set)"""
     from .chat import ChatSession, run_repl
+    from .sampling import SamplingParams
 
     if reasoning_effort not in ("low", "medium", "high"):
         raise OssgptError(f"--reasoning-effort must be low, medium or high, got {reasoning_effort!r}")
-    sampling = _sampling(temperature, top_p, 0, seed)
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
     tool_defs, run_tool = _tools(tools)
     scripted = _read_stdin_prompt()
     net = _load(model, device, dtype, verbose=verbose)
@@ -233,8 +254,6 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
 
     from .server.app import create_app
 
-    if max_batch < 1 or max_queue < 1 or (max_model_len is not None and max_model_len < 2):
-        raise OssgptError("--max-batch and --max-queue must be >= 1, --max-model-len >= 2")
     adapters = {}
     for item in (adapter or "").split(","):
         if item.strip():
@@ -398,8 +417,8 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
         batches = tuple(int(x) for x in batch.split(",") if x.strip())
     except ValueError:
         raise OssgptError(f"--batch wants comma-separated integers, got {batch!r}") from None
-    if prompt_tokens < 1 or decode_steps < 1 or not batches or min(batches) < 1:
-        raise OssgptError("--prompt-tokens, --decode-steps and --batch sizes must be >= 1")
+    if not batches or min(batches) < 1:
+        raise OssgptError(f"--batch must be sizes >= 1, got {batch!r}")
     resolve(model)  # a bad --model is the user's error, before any timing
     r = b.run(model, prompt_tokens, decode_steps, batches, device, getattr(torch, dtype),
               pack_dense=pack_dense, experts=experts)

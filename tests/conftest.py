@@ -9,9 +9,11 @@ before changing anything in it. `tiny_config` is shared too: derive variants wit
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 
@@ -21,6 +23,10 @@ from ossgpt.kernels import build
 from ossgpt.server.subprocess import served
 
 TINY_SEED = 0
+# Third-party test data (openai/harmony's goldens, openai/gpt-oss's compatibility cases): the
+# shared folder beside the repository, or $OSSGPT_SHARED; see its peer-data/SOURCES.md.
+SHARED = Path(os.environ.get("OSSGPT_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+PEER_DATA = SHARED / "peer-data"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -120,3 +126,9 @@ def nano_server() -> str:
     output is comparable with the Python API's)."""
     with run_server("--dtype", "float32", "--max-model-len", "4096") as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def client(nano_server: str) -> openai.OpenAI:
+    """The real `openai` client on `nano_server`."""
+    return openai.OpenAI(base_url=nano_server + "/v1", api_key="unused", max_retries=0)

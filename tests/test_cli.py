@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from ossgpt.cli import main
+
 
 def run(*args, stdin=None, env=None):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -115,3 +117,40 @@ def test_generate_defaults_to_nano():
     out = run("generate", "--prompt", "Hello", "--max-tokens", "5", "--seed", "0")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("Hello")
+
+
+# -- numbers out of range: one error line, exit 1, before anything loads ----------------------------
+
+OUT_OF_RANGE = [
+    ("generate", "--max-tokens", "-1"), ("generate", "--max-tokens", "0"),
+    ("generate", "--temperature", "-0.5"), ("generate", "--temperature", "nan"),
+    ("generate", "--top-p", "0"), ("generate", "--top-p", "1.5"), ("generate", "--top-k", "-1"),
+    ("chat", "--max-tokens", "-5"), ("chat", "--temperature", "inf"), ("chat", "--top-p", "-1"),
+    ("serve", "--port", "-1"), ("serve", "--port", "70000"), ("serve", "--max-batch", "0"),
+    ("serve", "--max-queue", "-1"), ("serve", "--max-model-len", "1"),
+    ("make-random", "--output", "x", "--layers", "0"),
+    ("train-nano", "--steps", "-5"), ("train-nano", "--batch-tokens", "0"),
+    ("train-nano", "--lr", "0"), ("eval-nano", "--n", "0"),
+    ("finetune", "--data", "x", "--lora-rank", "0"),
+    ("finetune", "--data", "x", "--lora-alpha", "-1"),
+    ("finetune", "--data", "x", "--steps", "0"), ("finetune", "--data", "x", "--epochs", "-1"),
+    ("finetune", "--data", "x", "--lr", "-0.1"), ("finetune", "--data", "x", "--val-split", "1"),
+    ("finetune", "--data", "x", "--micro-batch-tokens", "0"),
+    ("bench", "--prompt-tokens", "0"), ("bench", "--decode-steps", "-2"),
+    ("bench", "--batch", "0,8"),
+]
+
+
+@pytest.mark.parametrize("args", OUT_OF_RANGE, ids=" ".join)
+def test_numbers_out_of_range_give_one_line_and_exit_1(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and err.startswith(f"error: {args[-2]} must be "), err
+
+
+def test_generate_negative_max_tokens_end_to_end():
+    out = run("generate", "--prompt", "hi", "--max-tokens", "-1")
+    assert (out.returncode, out.stdout, out.stderr) == (
+        1, "", "error: --max-tokens must be >= 1, got -1\n")

@@ -4,21 +4,20 @@ The goldens live in the shared peer-data folder (see its SOURCES.md); tests that
 skipped when it is absent."""
 
 import json
-import os
 import random
 import re
-from pathlib import Path
 
 import pytest
 from openai_harmony import (Author, Conversation, DeveloperContent, Message, ReasoningEffort,
                             Role, SystemContent, ToolDescription)
 
 from ossgpt.harmony import (ReplyParser, build_conversation, parse_reply, render_conversation,
-                            render_prompt, stop_tokens, tool_name)
+                            render_prompt, stop_tokens)
 from ossgpt.tokenizer import Tokenizer, get_tokenizer, harmony_encoding
 
-SHARED = Path(os.environ.get("OSSGPT_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-GOLDEN = SHARED / "peer-data" / "harmony"
+from conftest import PEER_DATA
+
+GOLDEN = PEER_DATA / "harmony"
 needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(),
                                   reason=f"harmony peer data not found at {GOLDEN} (set OSSGPT_SHARED)")
 MARKUP = re.compile(r"<\|(start|end|message|channel|constrain|return|call|endoftext|"
@@ -411,12 +410,33 @@ def test_incomplete_character_at_end_of_stream():
     assert reply.content.startswith("👩") and "<|" not in reply.content
 
 
-def test_tool_name():
-    assert tool_name("functions.get_weather") == "get_weather"
-    assert tool_name("functions.get_weather<|channel|>commentary") == "get_weather"
-    assert tool_name("get_weather<|channel|>commentary") == "get_weather"
-    assert tool_name("browser.search") == "browser.search"
-    assert tool_name("<|constrain|>json") == ""
+CALL_TEXT = ("<|channel|>analysis<|message|>Call it.<|end|>"
+             "<|start|>assistant to=functions.get_weather<|channel|>commentary"
+             ' <|constrain|>json<|message|>{"city": "Paris"}<|call|>')
+
+
+def test_a_call_comes_whole_once_complete():
+    parser = ReplyParser({"get_weather"})
+    tokens = get_tokenizer().encode(CALL_TEXT, allow_special=True)
+    deltas = [d for t in tokens if (d := parser.push(t))]
+    assert [(d.channel, d.text, d.call) for d in deltas] == [
+        ("analysis", "Call", None), ("analysis", " it", None), ("analysis", ".", None),
+        ("commentary", '{"city": "Paris"}', "get_weather")]
+    assert [(c.name, c.arguments) for c in parser.reply().tool_calls] == [
+        ("get_weather", '{"city": "Paris"}')]
+
+
+def test_calls_cut_short_or_to_tools_not_offered_are_text():
+    cut = get_tokenizer().encode(CALL_TEXT, allow_special=True)[:-4]   # no <|call|>
+    parser = ReplyParser({"get_weather"})
+    deltas = [parser.push(t) for t in cut] + [parser.finish()]
+    reply = parser.reply()
+    assert reply.tool_calls == [] and reply.content == '{"city":'
+    assert [(d.text, d.call) for d in deltas if d and d.channel == "commentary"] == [
+        ('{"city":', None)]
+    for tools in ({"get_time"}, set()):
+        reply = parse_reply(get_tokenizer().encode(CALL_TEXT, allow_special=True), tools=tools)
+        assert reply.tool_calls == [] and reply.content == '{"city": "Paris"}'
 
 
 def test_push_after_finish_is_a_usage_error():

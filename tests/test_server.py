@@ -22,11 +22,6 @@ PERU = [{"role": "user", "content": "What is the capital of Peru?"}]
 WEATHER = [{"role": "user", "content": "What's the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def client(nano_server: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=nano_server + "/v1", api_key="unused", max_retries=0)
-
-
 def test_models_and_health(client: openai.OpenAI, nano_server: str) -> None:
     assert [m.id for m in client.models.list()] == ["nano"]
     assert client.models.retrieve("nano").id == "nano"

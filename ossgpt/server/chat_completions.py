@@ -19,10 +19,7 @@ from .protocol import APIError, ChatCompletionRequest
 def _tools_and_choice(req: ChatCompletionRequest) -> tuple[list[dict], dict, str]:
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
     schemas = {t["function"]["name"]: t["function"].get("parameters") for t in tools}
-    choice = resolve_tool_choice(schemas, req.tool_choice)
-    if choice == "none":
-        tools, schemas = [], {}
-    return tools, schemas, choice
+    return tools, schemas, resolve_tool_choice(schemas, req.tool_choice)
 
 
 def _json_schema(req: ChatCompletionRequest) -> dict | None:

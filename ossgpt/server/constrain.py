@@ -1,30 +1,30 @@
 """Structured output: tool-call arguments that follow the tool's JSON schema and `response_format`
 JSON that always parses, by masking the logits of each step.
 
-The reply is harmony, so JSON is only constrained inside the right message: a token-level state
-machine watches each message header as it is generated and, when it opens a call to a known
-function (or the final channel under `response_format`), hands the message body to an xgrammar
-matcher for the schema, which only allows the stop token (<|call|> or <|return|>) once the JSON
-is complete. When the client *requires* a tool call (`tool_choice: "required"` or a named
-function) or a JSON answer, the headers themselves are forced: the reply opens with analysis,
-and the next message must be one of the allowed headers, rendered by harmony exactly as in
-training and chosen token by token among them (a trie over their token sequences).
+The reply is harmony, so JSON is only constrained inside the right message. The constraint
+follows the reply with the same framing and header recognition as the reply parser
+(harmony/framing.py): when a body opens under a header that calls an offered function (or the
+final channel under `response_format`), an xgrammar matcher for the schema takes over, and it
+only allows the stop token (<|call|> or <|return|>) once the JSON is complete. The parser reports
+as calls exactly the messages this constrained, and only once their <|call|> came.
+
+When the client *requires* a tool call (`tool_choice: "required"` or a named function), forbids
+one (`"none"`) or asks for a JSON answer, the headers themselves are forced: the reply opens with
+analysis (or the final answer), and every later message must be one of the allowed headers,
+rendered by harmony exactly as in training and chosen token by token among them (a trie over
+their token sequences).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import re
 from dataclasses import dataclass
 
 import torch
 
-from ..harmony import tool_name
-from ..tokenizer import CALL, END, MESSAGE, RETURN, START, VOCAB_SIZE, get_tokenizer
-
-_RECIPIENT = re.compile(r"to=([^\s<]+)")
-_CHANNEL = re.compile(r"<\|channel\|>\s*(\w+)")
+from ..harmony import Event, Framer, Header
+from ..tokenizer import CALL, RETURN, START, VOCAB_SIZE, get_tokenizer
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,45 +78,40 @@ def _tool_header(name: str) -> list[int]:
 
 @dataclass
 class _Trie:
-    """Forced choice among token sequences; `done` holds the completed one's label."""
-    options: dict[str, list[int]]
+    """Forced choice among token sequences; `done` once one is complete."""
+    options: list[list[int]]
     pos: int = 0
-    done: str | None = None
+    done: bool = False
 
     def allowed(self) -> list[int]:
-        return sorted({seq[self.pos] for seq in self.options.values()})
+        return sorted({seq[self.pos] for seq in self.options})
 
     def accept(self, token: int) -> None:
-        self.options = {k: s for k, s in self.options.items() if s[self.pos] == token}
+        self.options = [s for s in self.options if s[self.pos] == token]
         self.pos += 1
-        for label, seq in self.options.items():
-            if len(seq) == self.pos:
-                self.done = label
+        self.done = any(len(s) == self.pos for s in self.options)
 
 
 class ReplyConstraint:
-    """Per-request logits mask. `tools`: function name -> parameters schema (None: any JSON
-    object); `json_schema`: the response_format schema ({} for json_object) or None;
-    `require`: None, "tool" (tool_choice required or named: `tools` holds the allowed ones)."""
+    """Per-request logits mask. `tools`: the functions the reply may call, name -> parameters
+    schema (None: any JSON object); `json_schema`: the response_format schema ({} for
+    json_object) or None; `tool_choice`: "auto" (headers free), "required" (a call to one of
+    `tools`) or "none" (no call header can open)."""
 
     def __init__(self, tools: dict[str, dict | None], json_schema: dict | None = None,
-                 require_tool: bool = False) -> None:
-        self.tools = tools
+                 tool_choice: str = "auto") -> None:
+        self.tools = {} if tool_choice == "none" else tools
         self.json_schema = json_schema
-        self.require_tool = require_tool
-        self.header: list[int] = []        # tokens of the header being generated
-        self.in_header = True              # the prompt ended with <|start|>assistant
+        self.framer = Framer()
         self.matcher = None
         self.trie: _Trie | None = None
-        self.forcing = require_tool or json_schema is not None
-        self.answered = False
+        self._later: list[list[int]] | None = None  # headers allowed after the first message
         self._bitmask = None
-        if self.forcing:
-            # First message: analysis (or, for JSON answers, straight to the final answer).
-            options = {"analysis": _headers()["analysis"]}
-            if json_schema is not None and not require_tool:
-                options["final"] = _headers()["first_final"]
-            self.trie = _Trie(options)
+        if tool_choice != "auto" or json_schema is not None:
+            answer = tool_choice != "required"
+            headers = _headers()
+            self.trie = _Trie([headers["analysis"]] + [headers["first_final"]] * answer)
+            self._later = [_tool_header(n) for n in self.tools] + [headers["final"]] * answer
 
     @property
     def active(self) -> bool:
@@ -142,51 +137,34 @@ class ReplyConstraint:
     def accept(self, token: int) -> None:
         if self.trie is not None:
             self.trie.accept(token)
-            if self.trie.done is None:
-                return
-            label, self.trie = self.trie.done, None
-            self.in_header, self.header = False, []
-            self._open(label)
-            return
-        if self.matcher is not None:
+            if self.trie.done:
+                self.trie = None
+        elif self.matcher is not None:
             self.matcher.accept_token(token)
             if self.matcher.is_terminated():
                 self.matcher = None
-            return
-        if token == START:
-            self.in_header, self.header = True, []
-        elif self.in_header:
-            if token == MESSAGE:
-                self.in_header = False
-                self._open(self._label(get_tokenizer().decode(self.header + [token])))
-            else:
-                self.header.append(token)
-        elif token == END and self.forcing and not self.answered:
-            # Analysis is over: the next message must be an allowed header.
-            options = ({f"tool:{n}": _tool_header(n) for n in self.tools} if self.require_tool
-                       else {"final": _headers()["final"],
-                             **{f"tool:{n}": _tool_header(n) for n in self.tools}})
-            self.trie = _Trie(options)
+        event = self.framer.push(token)
+        if event is Event.OPEN:
+            self._open(self.framer.header)
+        elif self._later is not None and self.trie is None:
+            # Forced headers: after a message's <|end|>, or a <|start|> the model wrote inside
+            # an unconstrained body, the next header must be one of the allowed ones.
+            if event is Event.END:
+                self.trie = _Trie(self._later)
+            elif token == START:
+                self.trie = _Trie(self._later)
+                self.trie.accept(START)
 
-    def _label(self, header: str) -> str:
-        recipient = _RECIPIENT.search(header)
-        if recipient and recipient.group(1).startswith("functions."):
-            return "tool:" + tool_name(recipient.group(1))
-        channel = _CHANNEL.search(header)
-        return channel.group(1) if channel else "final"
-
-    def _open(self, label: str) -> None:
-        """A message body begins: constrain it if it is a known call or a JSON answer."""
+    def _open(self, header: Header) -> None:
+        """A message body begins: constrain it if it calls a function or is a JSON answer."""
         import xgrammar as xgr
 
-        if label.startswith("tool:") and label[5:] in self.tools:
-            schema = self.tools[label[5:]]
-            self.answered = True
+        if (name := header.call(self.tools)) is not None:
+            schema = self.tools[name]
             self.matcher = xgr.GrammarMatcher(
                 _compiled(None if schema is None else json.dumps(schema)),
                 override_stop_tokens=[CALL])
-        elif label == "final" and self.json_schema is not None:
-            self.answered = True
+        elif header.channel == "final" and self.json_schema is not None:
             self.matcher = xgr.GrammarMatcher(
                 _compiled(json.dumps(self.json_schema) if self.json_schema else None),
                 override_stop_tokens=[RETURN])

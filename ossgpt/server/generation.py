@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from ..harmony import ReplyParser, called_function, stop_tokens
+from ..harmony import ReplyParser, stop_tokens
 from ..sampling import SamplingParams
 from ..tokenizer import get_tokenizer
 from .constrain import ReplyConstraint, check_schema
@@ -83,7 +83,9 @@ def tokenizing(param: str):
 
 def make_constraint(tools: dict[str, dict | None], tool_choice, json_schema: dict | None
                     ) -> ReplyConstraint | None:
-    """tool_choice: "auto" | "required" | a function name; json_schema: {} for json_object."""
+    """tool_choice: "auto" | "required" | "none" | a function name; json_schema: {} for
+    json_object. The tools render in the prompt whatever the choice; "none" only keeps the
+    reply from calling them."""
     for name, schema in tools.items():
         try:
             check_schema(schema)
@@ -96,11 +98,11 @@ def make_constraint(tools: dict[str, dict | None], tool_choice, json_schema: dic
         except Exception as e:
             raise APIError(400, f"response_format: not a usable JSON schema ({e})",
                            param="response_format") from None
-    if tool_choice not in ("auto", "required"):
-        tools = {tool_choice: tools[tool_choice]}
     if not tools and json_schema is None:
         return None
-    return ReplyConstraint(tools, json_schema, require_tool=tool_choice != "auto")
+    if tool_choice not in ("auto", "required", "none"):
+        tools, tool_choice = {tool_choice: tools[tool_choice]}, "required"
+    return ReplyConstraint(tools, json_schema, tool_choice)
 
 
 def submit(engine: Engine, prompt: list[int], max_tokens: int, sampling: SamplingParams,
@@ -143,10 +145,10 @@ class ReplyRun:
     calls: list[dict] = field(default_factory=list)   # {"name", "arguments"}
 
     async def pieces(self) -> AsyncIterator[Piece]:
-        parser = ReplyParser()
+        # The functions the constraint let the reply call, and so the only calls it reports.
+        parser = ReplyParser(self.seq.constraint.tools if self.seq.constraint else ())
         held = ""            # answer text held back while it could begin a stop string
         stopped = False
-        message = None       # the tool call's message number
         async for event in self.engine.stream(self.seq):
             self.completion_tokens += 1
             where = parser.in_content
@@ -158,15 +160,11 @@ class ReplyRun:
             if event.finish_reason:
                 self.finish_reason = event.finish_reason
             for d in [delta] + ([parser.finish()] if event.finish_reason else []):
-                if d is None or not d.text:
+                if d is None:
                     continue
-                name = called_function(d.channel, d.recipient)
-                if name:  # "" (an unusable name): its text is kept as content
-                    if d.message != message:
-                        message = d.message
-                        self.calls.append({"name": name, "arguments": ""})
-                        yield Piece("call", name, len(self.calls) - 1)
-                    self.calls[-1]["arguments"] += d.text
+                if d.call:  # a complete call, its arguments whole
+                    self.calls.append({"name": d.call, "arguments": d.text})
+                    yield Piece("call", d.call, len(self.calls) - 1)
                     yield Piece("arguments", d.text, len(self.calls) - 1)
                 elif d.channel == "analysis":
                     self.reasoning += d.text

@@ -109,10 +109,7 @@ def _tools(req: ResponsesRequest):
     chat_tools = [{"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})}
                   for t in tools]
     schemas = {t.name: t.parameters for t in tools}
-    choice = resolve_tool_choice(schemas, req.tool_choice)
-    if choice == "none":
-        chat_tools, schemas = [], {}
-    return chat_tools, schemas, choice
+    return chat_tools, schemas, resolve_tool_choice(schemas, req.tool_choice)
 
 
 def _json_schema(req: ResponsesRequest) -> dict | None:
