@@ -98,6 +98,17 @@ def test_chat_with_nano_adds_with_reasoning():
     assert "623" in hidden.stdout and "Units" not in hidden.stdout
 
 
+def test_chat_verbose_says_where_it_runs():
+    from ossgpt.kernels import build
+    out = run("chat", "--temperature", "0", "--verbose", "--device", "cpu", stdin="What is 2 + 2?\n",
+              env={"OSSGPT_ISA": "plain"})
+    assert out.returncode == 0, out.stderr
+    assert "CPU kernels plain" in out.stderr
+    best = build.supported_levels()[-1]
+    out = run("chat", "--temperature", "0", "--verbose", "--device", "cpu", stdin="What is 2 + 2?\n")
+    assert "Running on cpu, " in out.stderr and f"CPU kernels {best}" in out.stderr
+
+
 def test_chat_with_nano_knows_capitals():
     out = run("chat", "--temperature", "0", stdin="What is the capital of Peru?\n")
     assert out.returncode == 0, out.stderr

@@ -57,6 +57,17 @@ def isa() -> str:
     return _chosen[0]
 
 
+def expert_decode_inputs(dtype: torch.dtype) -> str:
+    """How decode's fused MXFP4 experts take a `dtype` model's activations on this CPU: "exact"
+    (bf16 products, or float32 ones: the plain path's numerics), or "int16" (each block of 32 held
+    as integers on its largest element's scale: exact within 2**7 of it, else rounded to 2**-15
+    of it; kernels/cpu/mxfp4.h), or "plain" (no kernels)."""
+    ext = cpu_kernels()
+    if ext is None:
+        return "plain"
+    return "int16" if dtype == torch.bfloat16 and ext.expert_decode_inputs == "int16" else "exact"
+
+
 @contextmanager
 def use_isa(level: str) -> Iterator[ModuleType | None]:
     """Run the CPU kernels of `level` (plain: none) within the block, for tests and benchmarks

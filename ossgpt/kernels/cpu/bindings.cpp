@@ -47,8 +47,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("level", [] { return std::string(ossgpt::simd::kLevel); }, "the instruction-set level compiled for");
 #if defined(OSSGPT_BF16_DOT)
   m.attr("many_rows") = false;   // linear_bf16 takes up to 8 rows: oneDNN's bf16 matmul the rest
+  m.attr("expert_decode_inputs") = "bf16";    // how a bf16 model's experts meet x in decode
 #else
   m.attr("many_rows") = true;    // linear_bf16 takes any number of rows
+  m.attr("expert_decode_inputs") = "int16";   // per 32-block scale (mxfp4.h, rows_matmul_i16)
 #endif
   m.def("moe_forward", &moe_forward, "fused MXFP4 mixture of experts (CPU)");
   m.def("dequantize_bf16", &dequantize_bf16, "MXFP4 -> bfloat16 (CPU, threaded)");

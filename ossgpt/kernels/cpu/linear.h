@@ -265,13 +265,7 @@ struct Weight {
   // out[m * ldo + r] for the N <= 8 tokens of `in` and rows [r0, r1); bias indexed by r as well
   void product(int N, const Inputs& in, const uint16_t* bias, uint16_t* out, int64_t ldo, int64_t r0,
                int64_t r1) const {
-    if (dense) {
-      switch (N) {
-        case 1: return dense_rows<1>(dense, in, bias, out, ldo, r0, r1);
-        case 2: return dense_rows<2>(dense, in, bias, out, ldo, r0, r1);
-        case 3: return dense_rows<3>(dense, in, bias, out, ldo, r0, r1);
-        case 4: return dense_rows<4>(dense, in, bias, out, ldo, r0, r1);
-      }
+    if (dense && N > 4) {
       const int64_t ld = r1 - r0;
       std::vector<float> y(N * ld);
       dense_tiles(N, dense, in, y.data(), ld, r0, r1);
@@ -279,29 +273,24 @@ struct Weight {
         for (int64_t r = r0; r < r1; ++r) out[m * ldo + r] = finish(y[m * ld + r - r0], bias, r);
       return;
     }
-    switch (N) {
-      case 1: return packed_rows<1>(packed, in, bias, out, ldo, r0, r1);
-      case 2: return packed_rows<2>(packed, in, bias, out, ldo, r0, r1);
-      case 3: return packed_rows<3>(packed, in, bias, out, ldo, r0, r1);
-      case 4: return packed_rows<4>(packed, in, bias, out, ldo, r0, r1);
+    with_tokens(N, [&](auto tokens) {
+      constexpr int M = decltype(tokens)::value;
+      if (dense) {
+        if constexpr (M <= 4) dense_rows<M>(dense, in, bias, out, ldo, r0, r1);
 #if defined(OSSGPT_BF16_DOT)
-      case 5: return packed_tile<3, 5>(packed, in, bias, out, ldo, r0, r1);
-      case 6: return packed_tile<3, 6>(packed, in, bias, out, ldo, r0, r1);
-      case 7: return packed_tile<3, 7>(packed, in, bias, out, ldo, r0, r1);
-      default: return packed_tile<3, 8>(packed, in, bias, out, ldo, r0, r1);
-#else
-      case 5: return packed_rows<5>(packed, in, bias, out, ldo, r0, r1);
-      case 6: return packed_rows<6>(packed, in, bias, out, ldo, r0, r1);
-      case 7: return packed_rows<7>(packed, in, bias, out, ldo, r0, r1);
-      default: return packed_rows<8>(packed, in, bias, out, ldo, r0, r1);
+      } else if constexpr (M >= 5) {
+        packed_tile<3, M>(packed, in, bias, out, ldo, r0, r1);
 #endif
-    }
+      } else {
+        packed_rows<M>(packed, in, bias, out, ldo, r0, r1);
+      }
+    });
   }
 };
 
 #if !defined(OSSGPT_BF16_DOT)
 // Many rows (prefill) on levels without bf16 products, where oneDNN's bf16 matmul is slow
-// (it emulates them: 13 GMAC/s on 2 AVX2 cores, against ~60 for this): each panel of weight rows
+// (it emulates them: 13 GMAC/s on 2 AVX2 cores, against 90-109 for this): each panel of weight rows
 // (dense or packed) is widened to float32 once, sized to stay in L2, and every token passes
 // over it in register tiles.
 inline void forward_many(const uint16_t* x, int64_t N, const Weight& w, const uint16_t* bias, uint16_t* out,

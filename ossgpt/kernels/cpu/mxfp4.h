@@ -161,16 +161,9 @@ void rows_matmul(const uint8_t* blocks, const uint8_t* scales, int64_t G, const 
 // rows_matmul for 1..8 tokens, chosen at run time.
 inline void tile_matmul(int M, const uint8_t* blocks, const uint8_t* scales, int64_t G, const float* x,
                         float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
-  switch (M) {
-    case 1: return rows_matmul<1>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    case 2: return rows_matmul<2>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    case 3: return rows_matmul<3>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    case 4: return rows_matmul<4>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    case 5: return rows_matmul<5>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    case 6: return rows_matmul<6>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    case 7: return rows_matmul<7>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    default: return rows_matmul<8>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-  }
+  with_tokens(M, [&](auto m) {
+    rows_matmul<decltype(m)::value>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+  });
 }
 
 // -- bf16 activations as 16-bit integers ----------------------------------------------------------
@@ -273,16 +266,9 @@ void rows_matmul_i16(const uint8_t* blocks, const uint8_t* scales, int64_t G, co
 
 inline void tile_matmul_i16(int M, const uint8_t* blocks, const uint8_t* scales, int64_t G, const int16_t* q,
                             const float* qscale, float* y, int64_t ldy, const float* bias, int64_t r0, int64_t r1) {
-  switch (M) {
-    case 1: return rows_matmul_i16<1>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
-    case 2: return rows_matmul_i16<2>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
-    case 3: return rows_matmul_i16<3>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
-    case 4: return rows_matmul_i16<4>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
-    case 5: return rows_matmul_i16<5>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
-    case 6: return rows_matmul_i16<6>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
-    case 7: return rows_matmul_i16<7>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
-    default: return rows_matmul_i16<8>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
-  }
+  with_tokens(M, [&](auto m) {
+    rows_matmul_i16<decltype(m)::value>(blocks, scales, G, q, qscale, y, ldy, bias, r0, r1);
+  });
 }
 
 #if defined(OSSGPT_BF16_DOT)
@@ -401,16 +387,9 @@ void rows_matmul_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t G, c
 inline void tile_matmul_bf16(int M, const uint8_t* blocks, const uint8_t* scales, int64_t G,
                              const uint16_t* x, float* y, int64_t ldy, const float* bias, int64_t r0,
                              int64_t r1) {
-  switch (M) {
-    case 1: return rows_matmul_bf16<1>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    case 2: return rows_matmul_bf16<2>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    case 3: return rows_matmul_bf16<3>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    case 4: return rows_matmul_bf16<4>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    case 5: return rows_matmul_bf16<5>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    case 6: return rows_matmul_bf16<6>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    case 7: return rows_matmul_bf16<7>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-    default: return rows_matmul_bf16<8>(blocks, scales, G, x, y, ldy, bias, r0, r1);
-  }
+  with_tokens(M, [&](auto m) {
+    rows_matmul_bf16<decltype(m)::value>(blocks, scales, G, x, y, ldy, bias, r0, r1);
+  });
 }
 
 #endif
