@@ -60,8 +60,8 @@ def isa() -> str:
 def expert_decode_inputs(dtype: torch.dtype) -> str:
     """How decode's fused MXFP4 experts take a `dtype` model's activations on this CPU: "exact"
     (bf16 products, or float32 ones: the plain path's numerics), or "int16" (each block of 32 held
-    as integers on its largest element's scale: exact within 2**7 of it, else rounded to 2**-15
-    of it; kernels/cpu/mxfp4.h), or "plain" (no kernels)."""
+    as 16-bit integers on its largest element's scale, rounded to at most 2**-15 of it, where bf16
+    rounds each value to 2**-9 of its own size; kernels/cpu/mxfp4.h), or "plain" (no kernels)."""
     ext = cpu_kernels()
     if ext is None:
         return "plain"

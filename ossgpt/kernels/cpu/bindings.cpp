@@ -50,7 +50,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("expert_decode_inputs") = "bf16";    // how a bf16 model's experts meet x in decode
 #else
   m.attr("many_rows") = true;    // linear_bf16 takes any number of rows
-  m.attr("expert_decode_inputs") = "int16";   // per 32-block scale (mxfp4.h, rows_matmul_i16)
+  m.attr("expert_decode_inputs") = "int16";   // per 32-block scale (mxfp4.h, rows_matmul_i16 and _i8)
 #endif
   m.def("moe_forward", &moe_forward, "fused MXFP4 mixture of experts (CPU)");
   m.def("dequantize_bf16", &dequantize_bf16, "MXFP4 -> bfloat16 (CPU, threaded)");

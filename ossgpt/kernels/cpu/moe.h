@@ -40,23 +40,31 @@ inline void swiglu_row(const float* h, int64_t I, float limit, float alpha, floa
 //              and the float32 panels, dequantized in the same order);
 //   Bf16Quads: bf16 in the order of mxfp4::rows_matmul_bf16's registers, padded to whole quads;
 //   Bf16Plain: bf16 in element order, for the bf16 panels;
-//   I16Pairs:  int16 in pair-split order with a scale a block (mxfp4::rows_matmul_i16).
-enum class Layout { F32Pairs, Bf16Quads, Bf16Plain, I16Pairs };
+//   I16Pairs:  int16 in pair-split order with a scale a block (mxfp4::rows_matmul_i16; neon);
+//   I16Bytes:  16-bit integers as two bytes, with a scale and a sum a block
+//              (mxfp4::rows_matmul_i16_bytes; avx2 and avx512).
+enum class Layout { F32Pairs, Bf16Quads, Bf16Plain, I16Pairs, I16Bytes };
 
 struct Operand {
   Layout layout;
   int64_t K, stride;   // inputs per row; elements per stored row
-  Buffer<float> f32;       // F32Pairs rows, or I16Pairs' block scales (K / 32 a row)
+  Buffer<float> f32;       // F32Pairs rows, or the integer layouts' block scales (K / 32 a row)
   Buffer<uint16_t> bf16;   // Bf16* rows
   Buffer<int16_t> i16;     // I16Pairs rows
+  Buffer<int8_t> bytes;    // I16Bytes rows (2 K bytes a row)
+  Buffer<int32_t> sums;    // I16Bytes' 12 * each block's sum (K / 32 a row)
 
   Operand(Layout layout_, int64_t P, int64_t K_)
       : layout(layout_), K(K_), stride(K_),
-        f32(layout_ == Layout::F32Pairs ? P * K_ : layout_ == Layout::I16Pairs ? P * K_ / 32 : 0),
+        f32(layout_ == Layout::F32Pairs ? P * K_ : integer(layout_) ? P * K_ / 32 : 0),
         bf16(layout_ == Layout::Bf16Quads || layout_ == Layout::Bf16Plain ? P * row_length(layout_, K_) : 0),
-        i16(layout_ == Layout::I16Pairs ? P * K_ : 0) {
+        i16(layout_ == Layout::I16Pairs ? P * K_ : 0),
+        bytes(layout_ == Layout::I16Bytes ? 2 * P * K_ : 0),
+        sums(layout_ == Layout::I16Bytes ? P * K_ / 32 : 0) {
     stride = row_length(layout, K);
   }
+
+  static bool integer(Layout layout) { return layout == Layout::I16Pairs || layout == Layout::I16Bytes; }
 
   static int64_t row_length([[maybe_unused]] Layout layout, int64_t K) {
 #if defined(OSSGPT_BF16_DOT)
@@ -68,7 +76,9 @@ struct Operand {
   const float* f32_row(int64_t i) const { return f32.get() + i * stride; }
   const uint16_t* bf16_row(int64_t i) const { return bf16.get() + i * stride; }
   const int16_t* i16_row(int64_t i) const { return i16.get() + i * stride; }
-  const float* i16_scales(int64_t i) const { return f32.get() + i * (K / 32); }
+  const int8_t* bytes_row(int64_t i) const { return bytes.get() + 2 * i * stride; }
+  const float* block_scales(int64_t i) const { return f32.get() + i * (K / 32); }
+  const int32_t* block_sums(int64_t i) const { return sums.get() + i * (K / 32); }
 
   // Write row i from K floats, reordered so each packed code meets its input.
   void set_row(int64_t i, const float* src) {
@@ -84,6 +94,12 @@ struct Operand {
         throw std::logic_error("moe: bf16 layouts need the avx512bf16 level");
       case Layout::I16Pairs:
         return mxfp4::to_i16_pairs(src, K, i16.get() + i * stride, f32.get() + i * (K / 32));
+      case Layout::I16Bytes:
+#if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)
+        return mxfp4::to_i16_bytes(src, K, bytes.get() + 2 * i * stride, f32.get() + i * (K / 32),
+                                   sums.get() + i * (K / 32));
+#endif
+        throw std::logic_error("moe: two-byte inputs need an x86 level");
     }
   }
 };
@@ -188,9 +204,16 @@ inline void expert_matmul(const Operand& x, bool panels, const std::vector<int64
         }
 #endif
         if (x.layout == Layout::I16Pairs) {
-          mxfp4::tile_matmul_i16(n, wb, ws, G, x.i16_row(t), x.i16_scales(t), y + t * R, R, b, job.r0, job.r1);
+          mxfp4::tile_matmul_i16(n, wb, ws, G, x.i16_row(t), x.block_scales(t), y + t * R, R, b, job.r0, job.r1);
           continue;
         }
+#if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)
+        if (x.layout == Layout::I16Bytes) {
+          mxfp4::tile_matmul_i16_bytes(n, wb, ws, G, x.bytes_row(t), x.block_scales(t), x.block_sums(t), y + t * R,
+                                       R, b, job.r0, job.r1);
+          continue;
+        }
+#endif
         mxfp4::tile_matmul(n, wb, ws, G, x.f32_row(t), y + t * R, R, b, job.r0, job.r1);
       }
     }
@@ -222,8 +245,10 @@ inline void forward(const float* x, bool bf16, const int64_t* indices, const flo
   const bool panels = P >= kPanelPairs * used;
 #if defined(OSSGPT_BF16_DOT)
   const Layout layout = !bf16 ? Layout::F32Pairs : panels ? Layout::Bf16Plain : Layout::Bf16Quads;
-#else
+#elif defined(OSSGPT_NEON)
   const Layout layout = bf16 && !panels ? Layout::I16Pairs : Layout::F32Pairs;
+#else
+  const Layout layout = bf16 && !panels ? Layout::I16Bytes : Layout::F32Pairs;
 #endif
   Operand xs(layout, P, C);
   parallel(0, P, 16, [&](int64_t b, int64_t e) {
