@@ -157,12 +157,17 @@ class OssgptAPI(ModelAPI):
     def close(self) -> None:
         self.engine.shutdown()
 
+    def prompt(self, input: list[ChatMessage], tools: list[ToolInfo],
+               config: GenerateConfig) -> list[int]:
+        """The harmony prompt tokens of a request, ending in `<|start|>assistant`."""
+        effort = EFFORT_MAP.get(config.reasoning_effort or "", self.reasoning_effort)
+        return render_prompt(to_openai_messages(input), reasoning_effort=effort,
+                             tools=to_openai_tools(tools) or None, date=self.date)
+
     async def generate(self, input: list[ChatMessage], tools: list[ToolInfo],
                        tool_choice: ToolChoice, config: GenerateConfig) -> ModelOutput:
-        effort = EFFORT_MAP.get(config.reasoning_effort or "", self.reasoning_effort)
+        prompt = self.prompt(input, tools, config)
         openai_tools = to_openai_tools(tools)
-        prompt = render_prompt(to_openai_messages(input), reasoning_effort=effort,
-                               tools=openai_tools or None, date=self.date)
         room = self.model.config.context_length - len(prompt)
         if room < 1:
             return ModelOutput.from_content(self.model_name, "", stop_reason="model_length")

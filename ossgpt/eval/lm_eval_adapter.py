@@ -124,7 +124,7 @@ class OssgptLM(TemplateLM):
         return f"harmony (openai-harmony, reasoning effort {self.reasoning_effort})"
 
     def get_model_info(self) -> dict:
-        return {"model": self.model_ref, "reasoning_effort": self.reasoning_effort,
+        return {"model_name": self.model_ref, "reasoning_effort": self.reasoning_effort,
                 "dtype": str(self.model.dtype).removeprefix("torch."), "engine": "ossgpt"}
 
     def apply_chat_template(self, chat_history: list[dict[str, str]],
@@ -150,13 +150,11 @@ class OssgptLM(TemplateLM):
         return self.tok.decode(tokens)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        if not context.startswith(HARMONY_START):
-            return super()._encode_pair(context, continuation)
-        # A rendered chat: the continuation is the start of the final answer, its own tokens
-        # after the header's <|message|> (text after a special token is tokenized on its own).
-        if context.endswith(ASSISTANT_TURN):
-            context += FINAL_HEADER
-        return self.tok_encode(context), self.tok.encode(continuation)
+        if context.startswith(HARMONY_START) and context.endswith(ASSISTANT_TURN):
+            # A rendered chat: the continuation is the start of the final answer, its own tokens
+            # after the header's <|message|> (text after a special token is tokenized apart).
+            return self.tok_encode(context + FINAL_HEADER), self.tok.encode(continuation)
+        return super()._encode_pair(context, continuation)
 
     # -- loglikelihood ---------------------------------------------------------------------------
 
