@@ -24,6 +24,9 @@ from ossgpt.demo_tools import DEMO_TOOLS  # noqa: E402
 from ossgpt.eval.inspect_adapter import to_openai_messages, to_openai_tools  # noqa: E402
 from ossgpt.harmony import render_prompt  # noqa: E402
 
+# inspect_ai's own retry set-up, on tenacity's newer releases.
+pytestmark = pytest.mark.filterwarnings("ignore:The 'initial' parameter is deprecated")
+
 GREEDY = GenerateConfig(temperature=0, max_tokens=300)
 # nano's demo tools exactly as it was trained on them.
 TOOLS = [ToolInfo(name=t["function"]["name"], description=t["function"]["description"],

@@ -72,14 +72,15 @@ class OssgptLM(TemplateLM):
     """A gpt-oss model run by ossgpt, for lm-evaluation-harness."""
 
     def __init__(self, model: str = "nano", pretrained: str | None = None,
-                 reasoning_effort: str = "medium", dtype: str = "bfloat16", device: str | None = None,
+                 reasoning_effort: str = "medium", dtype: str = "bfloat16",
+                 device: str | None = None,
                  batch_size: int | str = DEFAULT_BATCH, max_batch_size: int | None = None,
                  max_length: int | None = None, max_gen_toks: int = 4096, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 1234, date: str = "", **kwargs) -> None:
         super().__init__()
-        ignored = {k: v for k, v in kwargs.items() if k not in ("trust_remote_code",)}
-        if ignored:
-            raise ValueError(f"ossgpt: unknown model_args {', '.join(sorted(ignored))}")
+        unknown = sorted(k for k in kwargs if k != "trust_remote_code")
+        if unknown:
+            raise ValueError(f"ossgpt: unknown model_args {', '.join(unknown)}")
         self.model_ref = str(pretrained if pretrained is not None else model)
         self.reasoning_effort = _adapters.effort(reasoning_effort)
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
