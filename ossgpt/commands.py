@@ -236,7 +236,7 @@ def eval_nano(model: str = "nano", n: int = 200, seed: int = 0, output: str | No
 def evaluate(suite: str = "nano", data: str | None = None, model: str = "nano",
              base_url: str | None = None, api: str = "chat", api_key: str | None = None,
              reasoning_effort: str = "medium", repeats: int = 1, limit: int | None = None,
-             seed: int = 0, max_tokens: int = 2048, temperature: float = 1.0,
+             seed: int = 0, max_tokens: int = 4096, temperature: float = 1.0,
              top_p: float = 1.0, batch: int = 8, out: str = "eval-out", resume: bool = False,
              grader_model: str | None = None, grader_base_url: str | None = None,
              grading: str = "exact", date: str | None = None, device: str = "auto",
@@ -246,7 +246,7 @@ def evaluate(suite: str = "nano", data: str | None = None, model: str = "nano",
 
     suite: nano (bundled), gpqa, aime, mmlu, healthbench, humaneval or jsonl
     data: the suite's data file, in its published format (all suites but nano)
-    model: nano, a checkpoint directory or hub id, run in-process; with --base-url the served model name (default: the first served)
+    model: nano, a checkpoint directory or hub id, run in-process; with --base-url the served model name (nano: the first the server lists)
     base_url: an OpenAI-compatible endpoint instead of the in-process model, e.g. http://127.0.0.1:8000/v1
     api: chat or responses, with --base-url
     api_key: for --base-url and --grader-base-url
@@ -254,7 +254,7 @@ def evaluate(suite: str = "nano", data: str | None = None, model: str = "nano",
     repeats: replies per sample and effort (seeded apart)
     limit: the first N samples only
     seed: the run's seed; each reply's own seed derives from it, the sample, repeat and effort
-    max_tokens: most tokens per reply
+    max_tokens: most tokens per reply, and per grader verdict (AIME at high effort wants 32768)
     temperature: 0 for greedy
     top_p: nucleus sampling mass
     batch: replies decoded together (in-process) or requests in flight (--base-url)

@@ -46,7 +46,7 @@ def _local(model: str, batch: int, device: str, dtype: str):
 
 def run(suite: str = "nano", data: str | None = None, model: str = "nano",
         reasoning_effort: str | list[str] = "medium", repeats: int = 1, limit: int | None = None,
-        seed: int = 0, max_tokens: int = 2048, temperature: float = 1.0, top_p: float = 1.0,
+        seed: int = 0, max_tokens: int = 4096, temperature: float = 1.0, top_p: float = 1.0,
         batch: int = 8, out: str | Path = "eval-out", resume: bool = False,
         base_url: str | None = None, api: str = "chat", api_key: str | None = None,
         grader_model: str | None = None, grader_base_url: str | None = None,

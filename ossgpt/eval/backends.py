@@ -220,7 +220,8 @@ class EndpointBackend:
         return g
 
     def _responses(self, req: Request) -> Generation:
-        extra = {"tools": [{"type": "function", **t["function"]} for t in req.tools]} if req.tools else {}
+        extra = ({"tools": [{"type": "function", **t["function"]} for t in req.tools]}
+                 if req.tools else {})
         r = self.client.responses.create(
             model=self.model, input=req.messages, max_output_tokens=req.max_tokens,
             temperature=req.temperature, top_p=req.top_p, reasoning={"effort": req.effort},

@@ -66,7 +66,7 @@ def extract_letter(text: str, letters: list[str]) -> str | None:
     """A multiple-choice letter: "Answer: X" (the simple-evals pattern, markdown tolerated)
     first, then a lone letter, then a letter in parentheses, last occurrence winning."""
     allowed = "".join(re.escape(x) for x in letters)
-    for pattern in (rf"(?i)answer\s*(?:is)?\s*[:：]?\s*[*_(\[]*\s*([{allowed}])\b",
+    for pattern in (rf"(?i)answer[\s*_]*(?:is)?[\s*_]*[:：]?[\s*_(\[]*([{allowed}])\b",
                     rf"^\s*[*_(\[]*([{allowed}])[)\].:*_]*\s*$",
                     rf"\(([{allowed}])\)",
                     rf"\b([{allowed}])\)"):

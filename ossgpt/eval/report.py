@@ -113,7 +113,8 @@ def _plots(summary: dict) -> str:
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}
 table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}
-td:first-child,th:first-child{text-align:left}details{margin:4px 0;border:1px solid #eee;padding:4px}
+td:first-child,th:first-child{text-align:left}
+details{margin:4px 0;border:1px solid #eee;padding:4px}
 summary{cursor:pointer}.ok{color:#2a7}.bad{color:#c33}pre{white-space:pre-wrap;background:#f7f7f7;
 padding:6px;margin:4px 0}.r{color:#777}"""
 

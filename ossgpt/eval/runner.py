@@ -35,7 +35,7 @@ class EvalConfig:
     repeats: int = 1
     limit: int | None = None
     seed: int = 0
-    max_tokens: int = 2048
+    max_tokens: int = 4096
     temperature: float = 1.0
     top_p: float = 1.0
     grading: str = "exact"
@@ -152,10 +152,10 @@ Progress = Callable[[dict], None]
 
 
 def run_tasks(samples: list[Sample], config: EvalConfig, backend, out: Path, done: list[dict],
-              grader=None, progress: Progress | None = None, grader_max_tokens: int = 512
-              ) -> list[dict]:
+              grader=None, progress: Progress | None = None) -> list[dict]:
     """Run every task not in `done`, appending each record to out/samples.jsonl (and its
-    seconds to timings.jsonl) as it is graded; -> every record, in task order."""
+    seconds to timings.jsonl) as it is graded; -> every record, in task order. A grader
+    (rubric suites) gets the same --max-tokens per verdict as the replies it grades."""
     by_id = {s.id: s for s in samples}
     finished = {r["key"]: r for r in done}
     tasks = [(s, effort, rep) for effort in config.efforts for s in samples
@@ -196,7 +196,7 @@ def run_tasks(samples: list[Sample], config: EvalConfig, backend, out: Path, don
                 replies: dict[str, Generation] = {}
                 backend.run(requests[i:i + chunk], lambda r, g: replies.__setitem__(r.key, g))
                 _grade_rubrics(requests[i:i + chunk], replies, by_id, grader, config.seed,
-                               grader_max_tokens, write)
+                               config.max_tokens, write)
     order = [task_key(s.id, e, r) for s, e, r in tasks]
     # tasks of an earlier, larger run (a bigger --limit) stay, after this run's
     return ([finished[k] for k in order if k in finished]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import random
 from dataclasses import dataclass, field
@@ -209,8 +210,8 @@ def load_mmlu(path: Path) -> list[Sample]:
             if answer is None:
                 raise DataError(f"{path}:{n}: missing field 'answer'")
             sid = str(r.get("id", f"line{n}"))
-            samples.append(_choice_sample(sid, question, options, _letter(path, n, answer,
-                                                                         len(options))))
+            correct = _letter(path, n, answer, len(options))
+            samples.append(_choice_sample(sid, question, options, correct))
         return samples
     rows = _read_csv(path)
     header = [h.strip().lower() for h in rows[0]]
@@ -308,7 +309,8 @@ def load_nano(seed: int = 0, per_family: int = 20) -> list[Sample]:
     family, interleaved so a --limit keeps every family; graded by ossgpt.data.score."""
     from ..data import FAMILIES, examples, render_options, trained_turns
 
-    by_family = [list(examples(f, "test", seed))[:per_family] for f in FAMILIES]
+    # islice: the test stream of a small family searches long for its last keys; stop early
+    by_family = [list(itertools.islice(examples(f, "test", seed), per_family)) for f in FAMILIES]
     samples = []
     for i in range(per_family):
         for family, exs in zip(FAMILIES, by_family):
@@ -329,7 +331,7 @@ def load_suite(suite: str, data: str | None, seed: int = 0, grading: str = "exac
     if suite not in SUITES:
         raise DataError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
     if suite == "nano":
-        samples = load_nano(seed)
+        samples = load_nano()   # the held-out split of nano's training seed, whatever --seed
     else:
         if not data:
             raise DataError(f"--suite {suite} reads a data file: pass --data FILE")
