@@ -86,7 +86,10 @@ def row_invariant() -> Iterator[None]:
     of rows (4 independent sums per token for one token, 2 for two, 1 from three; 3-row weight
     tiles from 5 tokens; expert panels past 4 tokens an expert), so a row's float32 sums, and
     then its sampled tokens, would change with the batch. Decode attention is per row already.
-    Costs a call per row per product: `ossgpt eval` and `ossgpt serve --batch-invariant`."""
+    Costs a call per row per product: `ossgpt eval` and `ossgpt serve --batch-invariant`.
+    The plain path (no kernels) measured row-invariant on this project's CPUs
+    (tests/test_eval_runner.py checks it). GPUs are not covered: cuBLAS chooses its kernels by
+    shape, so there a reply may still depend on its batch."""
     before = getattr(_rows, "invariant", False)
     _rows.invariant = True
     try:
