@@ -18,6 +18,7 @@ COMMANDS = {
     "make-random": commands.make_random,
     "train-nano": commands.train_nano,
     "eval-nano": commands.eval_nano,
+    "eval": commands.evaluate,
     "serve": commands.serve,
     "finetune": commands.finetune,
     "bench": commands.bench,

@@ -34,7 +34,8 @@ RANGES: dict[str, Range] = {
     "layers": _at_least(1), "steps": _at_least(1), "n": _at_least(1), "lr": _above(0),
     "batch_tokens": _at_least(1), "micro_batch_tokens": _at_least(1), "lora_rank": _at_least(1),
     "lora_alpha": _above(0), "epochs": _above(0), "val_split": (lambda x: 0 <= x < 1, "in [0, 1)"),
-    "prompt_tokens": _at_least(1), "decode_steps": _at_least(1),
+    "prompt_tokens": _at_least(1), "decode_steps": _at_least(1), "repeats": _at_least(1),
+    "limit": _at_least(1),
 }
 
 
@@ -232,10 +233,55 @@ def eval_nano(model: str = "nano", n: int = 200, seed: int = 0, output: str | No
             json.dump(results, f, indent=2)
 
 
+def evaluate(suite: str = "nano", data: str | None = None, model: str = "nano",
+             base_url: str | None = None, api: str = "chat", api_key: str | None = None,
+             reasoning_effort: str = "medium", repeats: int = 1, limit: int | None = None,
+             seed: int = 0, max_tokens: int = 4096, temperature: float = 1.0,
+             top_p: float = 1.0, batch: int = 8, out: str = "eval-out", resume: bool = False,
+             grader_model: str | None = None, grader_base_url: str | None = None,
+             grading: str = "exact", date: str | None = None, device: str = "auto",
+             dtype: str = "bfloat16", progress: bool = True) -> None:
+    """Evaluate a model on a suite by reasoning effort, offline and reproducibly: writes
+    OUT/samples.jsonl, summary.json and report.html and prints the table.
+
+    suite: nano (bundled), gpqa, aime, mmlu, healthbench, humaneval or jsonl
+    data: the suite's data file, in its published format (all suites but nano)
+    model: nano, a checkpoint directory or hub id, run in-process; with --base-url the served model name (nano: the first the server lists)
+    base_url: an OpenAI-compatible endpoint instead of the in-process model, e.g. http://127.0.0.1:8000/v1
+    api: chat or responses, with --base-url
+    api_key: for --base-url and --grader-base-url
+    reasoning_effort: low, medium, high, or several separated by commas
+    repeats: replies per sample and effort (seeded apart)
+    limit: the first N samples only
+    seed: the run's seed; each reply's own seed derives from it, the sample, repeat and effort
+    max_tokens: most tokens per reply, and per grader verdict (AIME at high effort wants 32768)
+    temperature: 0 for greedy
+    top_p: nucleus sampling mass
+    batch: replies decoded together (in-process) or requests in flight (--base-url)
+    out: folder for the results
+    resume: continue the run in OUT, skipping the samples done
+    grader_model: checkpoint (or nano) that grades HealthBench rubrics in-process
+    grader_base_url: an OpenAI-compatible endpoint that grades HealthBench rubrics
+    grading: for --suite jsonl lines without their own: exact, regex, numeric or choice
+    date: the conversation date in prompts, YYYY-MM-DD (default today; recorded in OUT/run.json)
+    device: cpu, cuda or auto
+    dtype: bfloat16, float32 or float16
+    progress: show a progress bar"""
+    from . import eval as ev
+
+    ev.run(suite=suite, data=data, model=model, reasoning_effort=reasoning_effort,
+           repeats=repeats, limit=limit, seed=seed, max_tokens=max_tokens,
+           temperature=temperature, top_p=top_p, batch=batch, out=out, resume=resume,
+           base_url=base_url, api=api, api_key=api_key, grader_model=grader_model,
+           grader_base_url=grader_base_url, grading=grading, date=date, device=device,
+           dtype=dtype, progress=progress, print_table=True)
+
+
 def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 16, max_model_len: int | None = None,
           max_queue: int = 256, served_name: str | None = None, device: str = "auto",
-          dtype: str = "bfloat16", adapter: str | None = None) -> None:
+          dtype: str = "bfloat16", adapter: str | None = None,
+          batch_invariant: bool = False) -> None:
     """Serve the model behind an OpenAI-compatible HTTP API (chat completions, responses,
     completions) with continuous batching.
 
@@ -249,7 +295,8 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
     served_name: the model name clients send (default: the --model argument)
     device: cpu, cuda or auto (a GPU if there is one)
     dtype: bfloat16, float32 or float16
-    adapter: LoRA adapters to serve beside the base, NAME=DIR[,NAME=DIR...]; requests pick one by model name"""
+    adapter: LoRA adapters to serve beside the base, NAME=DIR[,NAME=DIR...]; requests pick one by model name
+    batch_invariant: a request's tokens depend on its prompt and seed alone, not on the batch it shares (the replies of ossgpt eval's in-process runs; slower decode)"""
     import uvicorn
 
     from .server.app import create_app
@@ -263,7 +310,8 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
             adapters[name.strip()] = path.strip()
     net = _load(model, device, dtype)
     app = create_app(net, served_name or model, api_key=api_key, max_batch=max_batch,
-                     max_model_len=max_model_len, max_queue=max_queue, adapters=adapters)
+                     max_model_len=max_model_len, max_queue=max_queue, adapters=adapters,
+                     batch_invariant=batch_invariant)
     print(f"Serving {served_name or model} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
 

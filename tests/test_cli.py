@@ -149,6 +149,8 @@ OUT_OF_RANGE = [
     ("finetune", "--data", "x", "--micro-batch-tokens", "0"),
     ("bench", "--prompt-tokens", "0"), ("bench", "--decode-steps", "-2"),
     ("bench", "--batch", "0,8"),
+    ("eval", "--repeats", "0"), ("eval", "--limit", "-3"), ("eval", "--batch", "0"),
+    ("eval", "--max-tokens", "0"), ("eval", "--temperature", "nan"), ("eval", "--top-p", "2"),
 ]
 
 

@@ -22,6 +22,7 @@ from . import build, grouped_moe
 
 _lock = threading.Lock()
 _chosen: tuple[str, ModuleType | None] | None = None     # (level, extension) once chosen
+_rows = threading.local()    # .invariant: within row_invariant() on this thread
 
 
 def cpu_kernels() -> ModuleType | None:
@@ -88,8 +89,37 @@ def use_isa(level: str) -> Iterator[ModuleType | None]:
         _chosen = before
 
 
+@contextmanager
+def row_invariant() -> Iterator[None]:
+    """Within the block (on this thread), the decode products give each row the same bits
+    whatever else shares the batch: the bf16 products, the attention inputs and the experts run
+    one row at a time, as at batch 1. Why: their kernels pick accumulator layouts by the number
+    of rows (4 independent sums per token for one token, 2 for two, 1 from three; 3-row weight
+    tiles from 5 tokens; expert panels past 4 tokens an expert), so a row's float32 sums, and
+    then its sampled tokens, would change with the batch. Decode attention is per row already.
+    Costs a call per row per product: `ossgpt eval` and `ossgpt serve --batch-invariant`.
+    The plain path (no kernels) measured row-invariant on this project's CPUs
+    (tests/test_eval_runner.py checks it). GPUs are not covered: cuBLAS chooses its kernels by
+    shape, so there a reply may still depend on its batch."""
+    before = getattr(_rows, "invariant", False)
+    _rows.invariant = True
+    try:
+        yield
+    finally:
+        _rows.invariant = before
+
+
 def moe(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts,
         limit: float, alpha: float = 1.702) -> torch.Tensor | None:
+    if getattr(_rows, "invariant", False) and x.shape[0] > 1:
+        outs = [_moe(x[i:i + 1], indices[i:i + 1], gates[i:i + 1], experts, limit, alpha)
+                for i in range(x.shape[0])]
+        return None if outs[0] is None else torch.cat(outs)
+    return _moe(x, indices, gates, experts, limit, alpha)
+
+
+def _moe(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts,
+         limit: float, alpha: float = 1.702) -> torch.Tensor | None:
     """The mixture of experts for x (N, C) -> float32 (N, C): on the CPU the fused MXFP4 kernel,
     elsewhere (GPUs) grouped_moe's sync-free grouped products; None where neither applies
     (gradients wanted, wrapped experts, the CPU without kernels or with dense experts)."""
@@ -129,6 +159,14 @@ def _weight_parts(weight) -> list[torch.Tensor] | None:
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
+    if getattr(_rows, "invariant", False) and 1 < x.numel() // max(x.shape[-1], 1) <= 8:
+        flat = x.reshape(-1, x.shape[-1])
+        outs = [_linear(flat[i:i + 1], weight, bias) for i in range(flat.shape[0])]
+        return None if outs[0] is None else torch.cat(outs).view(*x.shape[:-1], -1)
+    return _linear(x, weight, bias)
+
+
+def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
     """x @ weight.T + bias for bf16 x on the CPU, weight bf16 or a packed_bf16.PackedBF16: up to
     8 rows (decode, batches of up to 8) at every level, and any number of rows (prefill) where
     the level has no bf16 products and oneDNN's bf16 matmul would emulate them; None where the
@@ -147,6 +185,14 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor |
 
 
 def attention_inputs(x: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor):
+    if getattr(_rows, "invariant", False) and x.shape[0] > 1 and x.shape[1] == 1:
+        outs = [_attention_inputs(x[i:i + 1], attn, cos[i:i + 1], sin[i:i + 1])
+                for i in range(x.shape[0])]
+        return None if outs[0] is None else tuple(torch.cat(t) for t in zip(*outs))
+    return _attention_inputs(x, attn, cos, sin)
+
+
+def _attention_inputs(x: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tensor):
     """Attention's q, k, v for up to 8 tokens of bf16 x (B, T, C) in one call (RMSNorm, the three
     products, the rotary embedding of q and k), or None where it does not apply (then the
     plain modules run: adapters wrapping the projections, gradients, not the CPU)."""

@@ -78,15 +78,18 @@ class _BodyLimit:
 
 def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
                max_batch: int = 16, max_model_len: int | None = None,
-               max_queue: int = 256, adapters: dict[str, str] | None = None) -> FastAPI:
+               max_queue: int = 256, adapters: dict[str, str] | None = None,
+               batch_invariant: bool = False) -> FastAPI:
     """`adapters`: LoRA adapters (name -> PEFT directory) served beside the base model; a
-    request picks one by sending its name as `model`."""
+    request picks one by sending its name as `model`. `batch_invariant`: each request's tokens
+    depend on its prompt and seed alone, not on what shares the batch (engine.py)."""
     if adapters:
         from ..lora import load_adapters
         load_adapters(model, adapters)
     served = [model_name, *(adapters or {})]
     metrics = Metrics()
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, metrics=metrics,
+                    batch_invariant=batch_invariant)
     context = model.config.initial_context_length * (model.config.rope_scaling_factor or 1)
     limits = Limits(min(max_model_len or context, context))
     responses = ResponsesAPI(engine, limits)

@@ -5,15 +5,22 @@ loop with that adapter switched on.
 New requests are prefilled (together, when several wait) into a cache of their own which then
 joins the running batch between two decode steps (`Cache.extend`); a finished or cancelled
 request leaves the batch at once and its cache rows are freed (`Cache.select`). Each request has
-its own sampling parameters, seeded generator and optional logits constraint, so its tokens
-do not depend on what else shares the batch. Results go back to the asyncio side through each
+its own sampling parameters, seeded generator and optional logits constraint, so its sampling
+does not depend on what else shares the batch. Results go back to the asyncio side through each
 request's queue.
+
+The logits themselves can: a batched prefill pads prompts, and the CPU kernels sum a row's
+products in an order chosen by the number of rows. With `batch_invariant`, each request is
+prefilled alone and decode runs under `kernels.row_invariant()`, so a request's tokens are a
+function of its prompt and seed alone, whatever the batch (`ossgpt eval` relies on it; `ossgpt
+serve --batch-invariant` gives the same replies).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import threading
 import time
@@ -21,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import kernels
 from ..generate import TokenEvent, decode_step, prefill
 from ..model import Transformer
 from ..sampling import SamplingParams, make_generators, make_sampler
@@ -64,8 +72,9 @@ class Engine:
     """The batching loop. `submit` from the event loop; `stream` to iterate a request's events."""
 
     def __init__(self, model: Transformer, max_batch: int = 16, max_queue: int = 256,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, batch_invariant: bool = False) -> None:
         self.model = model
+        self.batch_invariant = batch_invariant
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
@@ -139,9 +148,11 @@ class Engine:
                 self._running = self.max_batch - room + len(joining)
                 self.metrics.queue_size.set(len(self._waiting))
             for adapter in dict.fromkeys([s.adapter for s in joining] + list(self._batches)):
-                batch = self._batches.setdefault(adapter, _Batch(self.model, self.metrics))
+                batch = self._batches.setdefault(
+                    adapter, _Batch(self.model, self.metrics, self.batch_invariant))
+                rows = kernels.row_invariant() if self.batch_invariant else contextlib.nullcontext()
                 try:
-                    with torch.inference_mode():
+                    with torch.inference_mode(), rows:
                         _select_adapter(self.model, adapter)
                         batch.step([s for s in joining if s.adapter == adapter])
                 except Exception as e:  # never let one bad step kill the server
@@ -162,8 +173,8 @@ def _select_adapter(model: Transformer, name: str | None) -> None:
 class _Batch:
     """Active sequences decoded together: their cache, next-token logits and positions."""
 
-    def __init__(self, model: Transformer, metrics: Metrics) -> None:
-        self.model, self.metrics = model, metrics
+    def __init__(self, model: Transformer, metrics: Metrics, invariant: bool = False) -> None:
+        self.model, self.metrics, self.invariant = model, metrics, invariant
         self.active: list[Sequence] = []
         self.cache = None
         self.logits: torch.Tensor | None = None   # (B, V): next-token logits of each row
@@ -241,8 +252,16 @@ class _Batch:
     def _admit(self, joining: list[Sequence]) -> None:
         for seq in joining:
             seq.generator = make_generators(seq.sampling.seed, 1, self.model.device)[0]
-        cache = self.model.make_cache()
-        logits = prefill(self.model, [s.prompt for s in joining], cache)
+        if self.invariant:   # alone, unpadded: each prompt's cache and logits as at batch 1
+            cache, logits = self.model.make_cache(), []
+            for seq in joining:
+                own = self.model.make_cache()
+                logits.append(prefill(self.model, [seq.prompt], own))
+                cache.extend(own)
+            logits = torch.cat(logits)
+        else:
+            cache = self.model.make_cache()
+            logits = prefill(self.model, [s.prompt for s in joining], cache)
         self.metrics.prompt_tokens.inc(sum(len(s.prompt) for s in joining))
         positions = torch.tensor([len(s.prompt) for s in joining])
         if self.cache is None:
