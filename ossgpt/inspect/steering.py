@@ -106,15 +106,33 @@ def parse_spec(spec: str) -> tuple[Path, int | None, float]:
                            "refusal.safetensors:12:-4") from None
 
 
+@dataclass
+class Steer:
+    """One `--steer` spec, read: add `scale * vector.vector` after block `layer`."""
+    vector: SteeringVector
+    layer: int
+    scale: float
+    name: str
+
+    def __str__(self) -> str:
+        return f"steering: {self.name} x {self.scale:g} after block {self.layer}"
+
+
+def read_specs(specs: Sequence[str]) -> list[Steer]:
+    """Parse and load `--steer` specs (before a model loads, so a bad one fails fast)."""
+    steers = []
+    for spec in specs:
+        path, layer, scale = parse_spec(spec)
+        vec = SteeringVector.load(path)
+        steers.append(Steer(vec, vec.layer if layer is None else layer, scale, path.name))
+    return steers
+
+
 @contextmanager
-def steering(model: Transformer, specs: Sequence[str]) -> Iterator[list[str]]:
-    """Apply every `--steer` spec for the duration; yields a line describing each."""
+def steering(model: Transformer, specs: Sequence[str | Steer]) -> Iterator[list[Steer]]:
+    """Apply every `--steer` spec (or read Steer) for the duration; yields them."""
+    steers = [s for s in specs if isinstance(s, Steer)] + read_specs([s for s in specs if isinstance(s, str)])
     with ExitStack() as stack:
-        described = []
-        for spec in specs:
-            path, layer, scale = parse_spec(spec)
-            vec = SteeringVector.load(path)
-            layer = vec.layer if layer is None else layer
-            stack.enter_context(steer(model, vec.vector, layer, scale))
-            described.append(f"steering: {path.name} x {scale:g} after block {layer}")
-        yield described
+        for s in steers:
+            stack.enter_context(steer(model, s.vector.vector, s.layer, s.scale))
+        yield steers
