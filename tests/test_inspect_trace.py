@@ -60,9 +60,18 @@ def theirs(wide_checkpoint, prompts):
     hf = GptOssForCausalLM.from_pretrained(wide_checkpoint, dtype=torch.float32, attn_implementation="eager",
                                            pad_token_id=None, eos_token_id=None,
                                            quantization_config=Mxfp4Config(dequantize=True)).eval()
-    with torch.no_grad():
-        out = [hf(torch.tensor([p]), output_hidden_states=True, output_router_logits=True,
-                  output_attentions=True) for p in prompts]
+    out = []
+    for p in prompts:
+        # The attention's output (o_proj's) is not among transformers' outputs: hooked.
+        attn_out = []
+        hooks = [layer.self_attn.o_proj.register_forward_hook(lambda m, a, o: attn_out.append(o))
+                 for layer in hf.model.layers]
+        with torch.no_grad():
+            out.append(hf(torch.tensor([p]), output_hidden_states=True, output_router_logits=True,
+                          output_attentions=True))
+        out[-1].attn_out = attn_out
+        for h in hooks:
+            h.remove()
     del hf
     return out
 
@@ -89,6 +98,7 @@ def test_trace_equals_transformers(traced, theirs, ours, prompts, wide_config):
             want = ref.hidden_states[layer + 1][0]
             checks[f"residual {layer}"] = (ours.norm(ours_h) if layer == L - 1 else ours_h, want)
             checks[f"router {layer}"] = (trace["router", layer][b, real], ref.router_logits[layer])
+            checks[f"attention output {layer}"] = (trace["attn_out", layer][b, real], ref.attn_out[layer][0])
             probs = trace["attn_probs", layer][b, :, real, real]                # (H, n, n)
             checks[f"attention {layer}"] = (probs, ref.attentions[layer][0])
             checks[f"sink {layer}"] = (trace["sink", layer][b, :, real], 1 - ref.attentions[layer][0].sum(-1))
