@@ -1,16 +1,19 @@
 """The `ossgpt` command line: a table of command names to typed functions in `commands.py`;
-each function's signature and docstring become its options and help."""
+each function's signature and docstring become its options and help. A table value may itself
+be a table (a group: `ossgpt inspect router ...`)."""
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import re
 import sys
 import types
 import typing
 
 from . import commands
 from .errors import OssgptError
+from .inspect import commands as inspect_commands
 
 COMMANDS = {
     "generate": commands.generate,
@@ -23,7 +26,15 @@ COMMANDS = {
     "finetune": commands.finetune,
     "bench": commands.bench,
     "merge-adapter": commands.merge_adapter,
+    "inspect": {
+        "router": inspect_commands.router,
+        "lens": inspect_commands.lens,
+        "attention": inspect_commands.attention,
+        "steer": inspect_commands.steer,
+    },
 }
+GROUP_HELP = {"inspect": "Look inside the model: router statistics, logit lens, attention sinks, "
+                         "steering vectors (JSON, plots and index.html)"}
 
 
 def _param_help(doc: str) -> dict[str, str]:
@@ -58,27 +69,57 @@ def _add_options(parser: argparse.ArgumentParser, fn) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ossgpt", description="Run OpenAI's gpt-oss models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, fn in COMMANDS.items():
+    _add_commands(sub, COMMANDS, "command")
+    return parser
+
+
+def _add_commands(sub, table: dict, dest: str) -> None:
+    for name, fn in table.items():
+        if isinstance(fn, dict):
+            summary = GROUP_HELP.get(name, "")
+            group = sub.add_parser(name, help=summary, description=summary)
+            _add_commands(group.add_subparsers(dest=f"{dest}_{name}", required=True, metavar="ANALYSIS"),
+                          fn, f"{dest}_{name}")
+            continue
         doc = inspect.getdoc(fn) or ""
         summary = doc.split("\n\n")[0]
         p = sub.add_parser(name, help=summary, description=summary)
         _add_options(p, fn)
-    return parser
 
 
 def check_ranges(args: dict) -> None:
     """Raise OssgptError for the first numeric option outside its range (commands.RANGES)."""
     for name, value in args.items():
-        if name in commands.RANGES and value is not None:
+        # Only numbers: a text option may share a name with a numeric one (--layers 0,3 of
+        # `inspect` against make-random's --layers 4) and is checked by its command.
+        if name in commands.RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
             allowed, text = commands.RANGES[name]
             if not allowed(value):
                 flag = "--" + name.replace("_", "-")
                 raise OssgptError(f"{flag} must be {text}, got {value}")
 
 
+def _join_negative_lists(argv: list[str]) -> list[str]:
+    """`--scales -4,0,4` -> `--scales=-4,0,4`: argparse takes a single negative number as a
+    value, but reads a comma-separated list that starts with one as an unknown option."""
+    out: list[str] = []
+    for arg in argv:
+        if (out and out[-1].startswith("--") and "=" not in out[-1]
+                and re.fullmatch(r"-\.?\d[\w.+-]*(,[\w.+-]*)+", arg)):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = _join_negative_lists(sys.argv[1:] if argv is None else list(argv))
     args = vars(build_parser().parse_args(argv))
-    fn = COMMANDS[args.pop("command")]
+    fn, dest = COMMANDS[args.pop("command")], "command"
+    while isinstance(fn, dict):             # a group: its chosen subcommand
+        name = next(key for key in args if key.startswith(dest + "_"))
+        dest = name
+        fn = fn[args.pop(name)]
     try:
         check_ranges(args)
         fn(**args)

@@ -3,6 +3,7 @@ Heavy imports happen inside each function, so `ossgpt --help` stays quick."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Callable
@@ -60,6 +61,24 @@ def _load(model: str, device: str, dtype: str, pack_dense: bool = True, verbose:
     return net
 
 
+def _read_steers(steer: str | None) -> list:
+    """--steer FILE:LAYER:SCALE[,...], read before the model loads so a bad one fails fast."""
+    from .inspect.steering import read_specs
+
+    return read_specs([s.strip() for s in (steer or "").split(",") if s.strip()])
+
+
+@contextlib.contextmanager
+def _steered(net, steers: list):
+    """`net` steered by `steers` (from _read_steers) while the context is active, said on stderr."""
+    from .inspect.steering import steering
+
+    with steering(net, steers):
+        for s in steers:
+            print(s, file=sys.stderr, flush=True)
+        yield
+
+
 def _read_stdin_prompt() -> str | None:
     if sys.stdin is None or sys.stdin.isatty():
         return None
@@ -68,7 +87,8 @@ def _read_stdin_prompt() -> str | None:
 
 def generate(model: str = "nano", prompt: str | None = None, max_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int | None = None, device: str = "auto", dtype: str = "bfloat16") -> None:
+             seed: int | None = None, device: str = "auto", dtype: str = "bfloat16",
+             steer: str | None = None) -> None:
     """Complete raw text (no chat format), streaming it to stdout.
 
     model: nano (bundled), a checkpoint directory (original/ or Hugging Face layout) or hub id
@@ -79,7 +99,8 @@ def generate(model: str = "nano", prompt: str | None = None, max_tokens: int = 2
     top_k: sample among the k most likely tokens (0: all)
     seed: random seed, for reproducible sampling
     device: cpu, cuda or auto
-    dtype: bfloat16, float32 or float16"""
+    dtype: bfloat16, float32 or float16
+    steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated"""
     from .generate import generate as run
     from .sampling import SamplingParams
     from .tokenizer import IncrementalDecoder, Tokenizer, get_tokenizer
@@ -88,15 +109,17 @@ def generate(model: str = "nano", prompt: str | None = None, max_tokens: int = 2
     if not prompt:
         raise OssgptError("no prompt: pass --prompt TEXT or pipe text on stdin")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    steers = _read_steers(steer)
     net = _load(model, device, dtype)
     tokenizer = get_tokenizer()
     decoder = IncrementalDecoder(tokenizer)
-    sys.stdout.write(prompt)
     stops = (Tokenizer.ENDOFTEXT, Tokenizer.RETURN)
-    for event in run(net, [tokenizer.encode(prompt)], max_tokens, sampling, stops):
-        if event.token not in stops:
-            sys.stdout.write(decoder.push(event.token))
-            sys.stdout.flush()
+    with _steered(net, steers):
+        sys.stdout.write(prompt)
+        for event in run(net, [tokenizer.encode(prompt)], max_tokens, sampling, stops):
+            if event.token not in stops:
+                sys.stdout.write(decoder.push(event.token))
+                sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n")
 
 
@@ -104,7 +127,7 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
          developer: str | None = None, tools: str | None = None, show_reasoning: bool = False,
          max_tokens: int = 4096, temperature: float = 1.0, top_p: float = 1.0,
          seed: int | None = None, device: str = "auto", dtype: str = "bfloat16",
-         verbose: bool = False) -> None:
+         verbose: bool = False, steer: str | None = None) -> None:
     """Chat in the harmony format; reads one prompt from stdin when it is not a terminal.
 
     model: nano (bundled), a checkpoint directory (original/ or Hugging Face layout) or hub id
@@ -119,7 +142,8 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
     seed: random seed, for reproducible sampling
     device: cpu, cuda or auto
     dtype: bfloat16, float32 or float16
-    verbose: say where it runs (device, threads, the CPU kernels' instruction set)"""
+    verbose: say where it runs (device, threads, the CPU kernels' instruction set)
+    steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated"""
     from .chat import ChatSession, run_repl
     from .sampling import SamplingParams
 
@@ -128,11 +152,13 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
     tool_defs, run_tool = _tools(tools)
     scripted = _read_stdin_prompt()
+    steers = _read_steers(steer)
     net = _load(model, device, dtype, verbose=verbose)
     session = ChatSession(net, reasoning_effort=reasoning_effort, system=system,
                           developer=developer, tools=tool_defs, sampling=sampling,
                           max_tokens=max_tokens)
-    run_repl(session, show_reasoning=show_reasoning, scripted_prompt=scripted, run_tool=run_tool)
+    with _steered(net, steers):
+        run_repl(session, show_reasoning=show_reasoning, scripted_prompt=scripted, run_tool=run_tool)
 
 
 def _tools(spec: str | None):
@@ -281,7 +307,7 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 16, max_model_len: int | None = None,
           max_queue: int = 256, served_name: str | None = None, device: str = "auto",
           dtype: str = "bfloat16", adapter: str | None = None,
-          batch_invariant: bool = False) -> None:
+          batch_invariant: bool = False, steer: str | None = None) -> None:
     """Serve the model behind an OpenAI-compatible HTTP API (chat completions, responses,
     completions) with continuous batching.
 
@@ -296,7 +322,8 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
     device: cpu, cuda or auto (a GPU if there is one)
     dtype: bfloat16, float32 or float16
     adapter: LoRA adapters to serve beside the base, NAME=DIR[,NAME=DIR...]; requests pick one by model name
-    batch_invariant: a request's tokens depend on its prompt and seed alone, not on the batch it shares (the replies of ossgpt eval's in-process runs; slower decode)"""
+    batch_invariant: a request's tokens depend on its prompt and seed alone, not on the batch it shares (the replies of ossgpt eval's in-process runs; slower decode)
+    steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated; every request is answered steered"""
     import uvicorn
 
     from .server.app import create_app
@@ -308,12 +335,14 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
             if not sep or not name.strip() or not path.strip():
                 raise OssgptError(f"--adapter wants NAME=DIR, got {item!r}")
             adapters[name.strip()] = path.strip()
+    steers = _read_steers(steer)
     net = _load(model, device, dtype)
     app = create_app(net, served_name or model, api_key=api_key, max_batch=max_batch,
                      max_model_len=max_model_len, max_queue=max_queue, adapters=adapters,
                      batch_invariant=batch_invariant)
-    print(f"Serving {served_name or model} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+    with _steered(net, steers):
+        print(f"Serving {served_name or model} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
 
 
 def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: int = 8,

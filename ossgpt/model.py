@@ -101,12 +101,13 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
     return mask
 
 
-def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-                    mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (B, T, H, D), k/v (B, S, K, D), sinks (H,), mask (B, T, S) -> (B, T, H, D).
+def attention_probs(q: torch.Tensor, k: torch.Tensor, sinks: torch.Tensor, mask: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """q (B, T, H, D), k (B, S, K, D), sinks (H,), mask (B, T, S) -> float32 probabilities
+    (B, K, G, T, S + 1): each query's softmax over the keys and, last, its head's sink.
 
-    Each head's learned sink logit joins the softmax as an extra column and is dropped after it:
-    it takes probability mass but adds no value. It also keeps a fully masked row finite."""
+    Each head's learned sink logit joins the softmax as an extra column: it takes probability
+    mass but adds no value. It also keeps a fully masked row finite."""
     B, T, H, D = q.shape
     K = k.shape[2]
     # On the CPU in float32: PyTorch has no fast bf16 batched matmul there for these shapes
@@ -116,7 +117,16 @@ def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     scores = torch.einsum("btkgd,bskd->bkgts", q, k.to(work)).float() * scale  # (B, K, G, T, S)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     sink = sinks.float().view(1, K, H // K, 1, 1).expand(B, K, H // K, T, 1)
-    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)
+
+
+def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                    mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, T, H, D), k/v (B, S, K, D), sinks (H,), mask (B, T, S) -> (B, T, H, D): attention
+    with the sinks' probability mass dropped after the softmax (attention_probs)."""
+    B, T, H, D = q.shape
+    work = torch.float32 if q.device.type == "cpu" else q.dtype
+    probs = attention_probs(q, k, sinks, mask, scale)[..., :-1]          # (B, K, G, T, S)
     out = torch.einsum("bkgts,bskd->btkgd", probs.to(work), v.to(work))  # (B, T, K, G, D)
     return out.reshape(B, T, H, D).to(v.dtype)
 
@@ -135,6 +145,9 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * D, C)
         self.sinks = nn.Parameter(torch.zeros(self.n_heads))
         self.scale = 1.0 / math.sqrt(D)
+        # Called with attention_probs (B, K, G, T, S + 1) and the query positions (B, T) when
+        # set: ossgpt.inspect records attention through it. None (the default) costs nothing.
+        self.observer = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor, cache=None) -> torch.Tensor:
@@ -155,6 +168,8 @@ class Attention(nn.Module):
         out = kernels.attention(q, k, v, self.sinks, mask, self.scale) if USE_KERNELS else None
         if out is None:
             out = sdpa_with_sinks(q, k, v, self.sinks, mask, self.scale)
+        if self.observer is not None:
+            self.observer(attention_probs(q, k, self.sinks, mask, self.scale), positions)
         return x + self.o_proj(out.reshape(B, T, -1))
 
 

@@ -16,10 +16,10 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .. import tokenizer as tok
+from ..files import write_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -122,26 +122,13 @@ def tokenizer_config() -> dict:
     }
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cached_tokenizer_json() -> Path:
     """A cached tokenizer.json for o200k_harmony (built on first use, ~30 MB)."""
     path = tok.cache_dir().parent / "hf-tokenizer" / _CACHE_NAME
     stamp = path.with_name(path.name + ".version")
     if not (path.is_file() and stamp.is_file() and stamp.read_text() == _FORMAT_VERSION):
-        _atomic_write(path, json.dumps(build_tokenizer_json(), ensure_ascii=False).encode())
-        _atomic_write(stamp, _FORMAT_VERSION.encode())
+        write_atomic(path, json.dumps(build_tokenizer_json(), ensure_ascii=False).encode())
+        write_atomic(stamp, _FORMAT_VERSION.encode())
     return path
 
 
@@ -151,5 +138,5 @@ def write_hf_tokenizer(directory: str | os.PathLike) -> Path:
     tmp = directory / (TOKENIZER_FILE + ".tmp")
     shutil.copyfile(cached_tokenizer_json(), tmp)
     os.replace(tmp, directory / TOKENIZER_FILE)
-    _atomic_write(directory / CONFIG_FILE, (json.dumps(tokenizer_config(), indent=2) + "\n").encode())
+    write_atomic(directory / CONFIG_FILE, (json.dumps(tokenizer_config(), indent=2) + "\n").encode())
     return directory / TOKENIZER_FILE

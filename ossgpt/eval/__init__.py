@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from ..errors import OssgptError
+from ..files import write_atomic
 from .runner import EvalConfig, parse_efforts, task_seed
 from .suites import SUITES, DataError, Sample, load_suite
 
@@ -105,7 +106,7 @@ def run(suite: str = "nano", data: str | None = None, model: str = "nano",
         raise OssgptError(f"--out {out}: exists and is not a folder")
     done = runner.prepare_out(out, config, resume)
     out.mkdir(parents=True, exist_ok=True)
-    runner.write_atomic(out / runner.RUN, json.dumps(
+    write_atomic(out / runner.RUN, json.dumps(
         {"config": config.identity(), "backend": backend.describe(),
          "grader": grader.describe() if grader else None}, indent=2) + "\n")
     if resume and done:

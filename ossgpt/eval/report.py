@@ -16,7 +16,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .runner import EFFORTS, write_atomic
+from ..files import write_atomic
+from .runner import EFFORTS
 
 
 def bootstrap_ci(groups: list[list[float]], rounds: int = 1000, seed: int = 0

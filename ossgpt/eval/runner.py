@@ -11,13 +11,13 @@ same bytes; wall-clock seconds, which never repeat, go to timings.jsonl beside i
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import OssgptError
+from ..files import write_atomic
 from . import grading
 from .backends import Generation, Request
 from .sandbox import grade_humaneval
@@ -67,13 +67,6 @@ def parse_efforts(text: str) -> list[str]:
 
 
 # -- the output folder -------------------------------------------------------------------------
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside, then rename: a reader (or a kill) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def read_done(path: Path) -> list[dict]:
     """The complete records of a samples.jsonl; a line cut short by a kill is dropped."""
