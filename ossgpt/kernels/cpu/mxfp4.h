@@ -180,16 +180,28 @@ inline void tile_matmul(int M, const uint8_t* blocks, const uint8_t* scales, int
 // (and the SwiGLU's float32 output between their two products, which the plain bf16 path rounds
 // to bf16); float32 models keep the float products.
 
+// The largest magnitude of a block of 32 inputs, true where there is one to scale the block by;
+// false for a block of zeros (its scale 0) or one holding an inf or a NaN (its scale NaN: every
+// sum it meets is NaN, as in the plain path). A NaN is kept where std::max would drop it.
+inline bool block_amax(const float* b, float& amax, float& scale) {
+  amax = 0.f;
+  for (int j = 0; j < 32; ++j) {
+    const float a = std::fabs(b[j]);
+    amax = a > amax || a != a ? a : amax;
+  }
+  if (amax > 0.f && std::isfinite(amax)) return true;
+  scale = amax == 0.f ? 0.f : NAN;
+  return false;
+}
+
 // x (K floats) -> int16 in pair-split order, and each block's scale 2**(e - 15)
 inline void to_i16_pairs(const float* x, int64_t K, int16_t* q, float* scale) {
   for (int64_t g = 0; g < K / 32; ++g) {
     const float* b = x + g * 32;
-    float amax = 0.f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(b[j]));
     int16_t* out = q + g * 32;
-    if (!(amax > 0.f) || !std::isfinite(amax)) {     // zeros; or inf / NaN: the sum is NaN
+    float amax;
+    if (!block_amax(b, amax, scale[g])) {
       std::fill(out, out + 32, int16_t(0));
-      scale[g] = amax == 0.f ? 0.f : NAN;
       continue;
     }
     int e;
@@ -272,29 +284,32 @@ inline void tile_matmul_i16(int M, const uint8_t* blocks, const uint8_t* scales,
 
 // x (K floats) -> per block of 32, the hi then the lo parts in pair-split order (64 bytes), its d,
 // and 12 * the sum of its v
-inline void to_i16_bytes(const float* x, int64_t K, int8_t* q, float* scale, int32_t* sum12) {
+// One block of 32 inputs as the integers v[j] = round(x[j] / d), |v| <= 32512, and d (0 or NaN,
+// and v all 0, where block_amax finds nothing to scale by). Shared by decode's two-byte layout
+// and prefill's int16 groups (gemm_i16.h), so a bf16 model's prefill and decode agree.
+inline void quantize_block(const float* b, int32_t v[32], float& d) {
   constexpr float top = 127.f * 256.f;
+  float amax;
+  if (!block_amax(b, amax, d)) {
+    std::fill(v, v + 32, 0);
+    return;
+  }
+  const float inv = top / amax;
+  for (int j = 0; j < 32; ++j) v[j] = (int32_t)std::clamp(std::nearbyint(b[j] * inv), -top, top);
+  d = amax / top;
+}
+
+inline void to_i16_bytes(const float* x, int64_t K, int8_t* q, float* scale, int32_t* sum12) {
   for (int64_t g = 0; g < K / 32; ++g) {
-    const float* b = x + g * 32;
-    float amax = 0.f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(b[j]));
+    int32_t v[32], sum = 0;
+    quantize_block(x + g * 32, v, scale[g]);
     int8_t* out = q + g * 64;
-    if (!(amax > 0.f) || !std::isfinite(amax)) {     // zeros; or inf / NaN: the sum is NaN
-      std::fill(out, out + 64, int8_t(0));
-      scale[g] = amax == 0.f ? 0.f : NAN;
-      sum12[g] = 0;
-      continue;
-    }
-    const float inv = top / amax;
-    int32_t sum = 0;
     for (int j = 0; j < 32; ++j) {
-      const int32_t v = (int32_t)std::clamp(std::nearbyint(b[j] * inv), -top, top);
-      const int32_t lo = (int8_t)(v & 0xFF);          // lo in [-128, 127], hi in [-127, 127]
+      const int32_t lo = (int8_t)(v[j] & 0xFF);       // lo in [-128, 127], hi in [-127, 127]
       const int at = j % 2 * 16 + j / 2;              // pair-split
-      out[at] = (int8_t)((v - lo) / 256), out[32 + at] = (int8_t)lo;
-      sum += v;
+      out[at] = (int8_t)((v[j] - lo) / 256), out[32 + at] = (int8_t)lo;
+      sum += v[j];
     }
-    scale[g] = amax / top;
     sum12[g] = 12 * sum;
   }
 }
