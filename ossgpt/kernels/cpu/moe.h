@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
@@ -140,17 +141,16 @@ struct Job {
 
 // Each used expert's rows in ranges sized so there are several jobs per thread, and small enough
 // (256 KiB of weights, `row_bytes` each as the kernel holds them) to stay in a core's L2 cache
-// while the token tiles pass over them.
+// while the token tiles pass over them; a multiple of `grain` rows (the register tiles' rows).
 inline std::vector<Job> make_jobs(const std::vector<int64_t>& starts, int64_t R, int64_t row_bytes,
-                                  int threads) {
-  constexpr int64_t kGrain = 4;
+                                  int threads, int64_t grain = 4) {
   const int64_t n_experts = (int64_t)starts.size() - 1;
   int64_t used = 0;
   for (int64_t e = 0; e < n_experts; ++e) used += starts[e + 1] > starts[e];
   const int64_t want = 8 * threads;
-  int64_t chunk = std::max<int64_t>(kGrain, R * used / std::max<int64_t>(want, 1));
-  chunk = std::min<int64_t>(chunk, std::max<int64_t>(kGrain, (256 << 10) / row_bytes));
-  chunk = std::min<int64_t>(R, (chunk + kGrain - 1) / kGrain * kGrain);
+  int64_t chunk = std::max<int64_t>(grain, R * used / std::max<int64_t>(want, 1));
+  chunk = std::min<int64_t>(chunk, std::max<int64_t>(grain, (256 << 10) / row_bytes));
+  chunk = std::min<int64_t>(R, (chunk + grain - 1) / grain * grain);
   std::vector<Job> jobs;
   for (int64_t e = 0; e < n_experts; ++e)
     if (starts[e + 1] > starts[e])
@@ -186,14 +186,19 @@ inline void expert_matmul(const Operand& x, bool panels, const std::vector<int64
   const int64_t R = w.R, G = w.G, K = G * 32;
   const bool bf16 = x.layout == Layout::Bf16Quads || x.layout == Layout::Bf16Plain;
   const bool groups = x.layout == Layout::I16Groups;   // int16 panels (+ a float scale a block)
+  // int16 panels: rows a multiple of 12, whole 3- and 4-row tiles (a last single row ran at a
+  // third of the speed)
   const auto jobs = make_jobs(starts, R, !panels ? G * 17 : groups ? x.stride * 2 + x.scales * 4 : K * (bf16 ? 2 : 4),
-                              parallel.threads);
+                              parallel.threads, groups ? 12 : 4);
   const UsedBiases bias(w, starts);
-  parallel(0, (int64_t)jobs.size(), 1, [&](int64_t begin, int64_t end) {
+  // Each thread takes the next job from a shared counter, not a fixed share of them: experts
+  // have unequal numbers of tokens, so equal numbers of jobs are unequal work.
+  std::atomic<int64_t> next{0};
+  parallel(0, parallel.threads, 1, [&](int64_t, int64_t) {
     std::vector<float> panel;
     std::vector<uint16_t> panel_bf16;
     std::vector<int16_t> panel_i16;
-    for (int64_t j = begin; j < end; ++j) {
+    for (int64_t j; (j = next++) < (int64_t)jobs.size();) {
       const Job& job = jobs[j];
       const uint8_t* wb = w.blocks + job.expert * R * G * 16;
       const uint8_t* ws = w.scales + job.expert * R * G;
