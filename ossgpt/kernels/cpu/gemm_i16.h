@@ -20,7 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "mxfp4.h"
+#include "mxfp4_bytes.h"
 #include "simd.h"
 
 #if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)

@@ -15,6 +15,7 @@
 #include "gemm.h"
 #include "gemm_i16.h"
 #include "mxfp4.h"
+#include "mxfp4_bytes.h"
 #include "parallel.h"
 #include "simd.h"
 
