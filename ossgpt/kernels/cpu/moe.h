@@ -192,14 +192,17 @@ inline void expert_matmul(const Operand& x, bool panels, const std::vector<int64
   const auto jobs = make_jobs(starts, R, !panels ? G * 17 : groups ? x.stride * 2 + x.scales * 4 : K * (bf16 ? 2 : 4),
                               parallel.threads, groups ? 12 : 4);
   const UsedBiases bias(w, starts);
-  // Each thread takes the next job from a shared counter, not a fixed share of them: experts
-  // have unequal numbers of tokens, so equal numbers of jobs are unequal work.
+  // Panels: each thread takes the next job from a shared counter, not a fixed share of them:
+  // experts have unequal numbers of tokens, so equal numbers of jobs are unequal work. Decode:
+  // equal shares of consecutive jobs, each thread's weights then one stream in memory order.
+  const int64_t n_jobs = (int64_t)jobs.size();
   std::atomic<int64_t> next{0};
-  parallel(0, parallel.threads, 1, [&](int64_t, int64_t) {
+  parallel(0, panels ? parallel.threads : n_jobs, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> panel;
     std::vector<uint16_t> panel_bf16;
     std::vector<int16_t> panel_i16;
-    for (int64_t j; (j = next++) < (int64_t)jobs.size();) {
+    auto take = [&, i = begin]() mutable { return panels ? next++ : i < end ? i++ : n_jobs; };
+    for (int64_t j; (j = take()) < n_jobs;) {
       const Job& job = jobs[j];
       const uint8_t* wb = w.blocks + job.expert * R * G * 16;
       const uint8_t* ws = w.scales + job.expert * R * G;
