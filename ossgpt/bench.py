@@ -34,6 +34,7 @@ class BenchResult:
     peak_gpu_gib: float = 0.0          # peak GPU memory allocated (on a GPU)
     cpu_kernels: str = ""              # the CPU kernels' instruction-set level (kernels.isa()), on the CPU
     expert_decode_inputs: str = ""     # kernels.expert_decode_inputs: exact, int16 (a scale a block) or plain
+    expert_prefill_inputs: str = ""    # kernels.expert_prefill_inputs: the same for prefill
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -118,4 +119,5 @@ def run(ref: str, prompt_tokens: int = 512, decode_steps: int = 32, batches: tup
                        round(torch.cuda.max_memory_allocated(model.device) / 2**30, 3)
                        if model.device.type == "cuda" else 0.0,
                        kernels.isa() if model.device.type == "cpu" else "",
-                       kernels.expert_decode_inputs(model.dtype) if model.device.type == "cpu" else "")
+                       kernels.expert_decode_inputs(model.dtype) if model.device.type == "cpu" else "",
+                       kernels.expert_prefill_inputs(model.dtype) if model.device.type == "cpu" else "")

@@ -510,6 +510,8 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
         rows += [("weights in huge pages", f"{r.huge_pages_gib:.2f} GiB")]
     if r.expert_decode_inputs == "int16":
         rows += [("experts' decode inputs", "int16, a scale a block")]
+    if r.expert_prefill_inputs == "int16":
+        rows += [("experts' prefill inputs", "int16, a scale a block")]
     kernels = f", CPU kernels {r.cpu_kernels}" if r.cpu_kernels else ""
     print(f"{r.model} on {r.device}, {r.dtype}{' (dense weights packed)' if r.packed_dense else ''}, "
           f"{r.experts} experts, {r.threads} threads{kernels}")

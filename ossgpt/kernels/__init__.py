@@ -69,6 +69,15 @@ def expert_decode_inputs(dtype: torch.dtype) -> str:
     return "int16" if dtype == torch.bfloat16 and ext.expert_decode_inputs == "int16" else "exact"
 
 
+def expert_prefill_inputs(dtype: torch.dtype) -> str:
+    """The same for prefill (many tokens per expert): "int16" on avx2 and avx512 for bf16 models
+    (decode's integers, in an integer GEMM: kernels/cpu/gemm_i16.h), else "exact" or "plain"."""
+    ext = cpu_kernels()
+    if ext is None:
+        return "plain"
+    return "int16" if dtype == torch.bfloat16 and ext.expert_prefill_inputs == "int16" else "exact"
+
+
 @contextmanager
 def use_isa(level: str) -> Iterator[ModuleType | None]:
     """Run the CPU kernels of `level` (plain: none) within the block, for tests and benchmarks

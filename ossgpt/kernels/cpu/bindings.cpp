@@ -48,9 +48,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #if defined(OSSGPT_BF16_DOT)
   m.attr("many_rows") = false;   // linear_bf16 takes up to 8 rows: oneDNN's bf16 matmul the rest
   m.attr("expert_decode_inputs") = "bf16";    // how a bf16 model's experts meet x in decode
+  m.attr("expert_prefill_inputs") = "bf16";   // ... and in prefill (the panels)
 #else
   m.attr("many_rows") = true;    // linear_bf16 takes any number of rows
   m.attr("expert_decode_inputs") = "int16";   // per 32-block scale (mxfp4.h, rows_matmul_i16 and _i8)
+#if defined(OSSGPT_NEON)
+  m.attr("expert_prefill_inputs") = "float32";   // float32 panels: exact products
+#else
+  m.attr("expert_prefill_inputs") = "int16";     // the same integers as decode's (gemm_i16.h)
+#endif
 #endif
   m.def("moe_forward", &moe_forward, "fused MXFP4 mixture of experts (CPU)");
   m.def("dequantize_bf16", &dequantize_bf16, "MXFP4 -> bfloat16 (CPU, threaded)");

@@ -1,17 +1,21 @@
 // The MXFP4 mixture of experts for the CPU: each routed expert's weights are read once, in their
 // packed form, never materialised whole. With few tokens per expert (decode) they are
 // dequantized in registers (mxfp4.h); with many (prefill) a few rows at a time into a panel that
-// stays in cache while a register-tiled GEMM (gemm.h) passes every token over it.
+// stays in cache while a register-tiled GEMM (gemm.h; gemm_i16.h for bf16 models on avx2 and
+// avx512) passes every token over it.
 // The plain version in ossgpt/model.py (MoE.grouped) is the reference (tests/test_kernels.py).
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
 
 #include "gemm.h"
+#include "gemm_i16.h"
 #include "mxfp4.h"
+#include "mxfp4_bytes.h"
 #include "parallel.h"
 #include "simd.h"
 
@@ -42,42 +46,53 @@ inline void swiglu_row(const float* h, int64_t I, float limit, float alpha, floa
 //   Bf16Plain: bf16 in element order, for the bf16 panels;
 //   I16Pairs:  int16 in pair-split order with a scale a block (mxfp4::rows_matmul_i16; neon);
 //   I16Bytes:  16-bit integers as two bytes, with a scale and a sum a block
-//              (mxfp4::rows_matmul_i16_bytes; avx2 and avx512).
-enum class Layout { F32Pairs, Bf16Quads, Bf16Plain, I16Pairs, I16Bytes };
+//              (mxfp4::rows_matmul_i16_bytes; avx2 and avx512);
+//   I16Groups: the same integers as int16 in groups of 8 blocks, with a scale a block, padded to
+//              whole groups (gemm_i16.h: prefill's panels on avx2 and avx512).
+enum class Layout { F32Pairs, Bf16Quads, Bf16Plain, I16Pairs, I16Bytes, I16Groups };
 
 struct Operand {
   Layout layout;
   int64_t K, stride;   // inputs per row; elements per stored row
-  Buffer<float> f32;       // F32Pairs rows, or the integer layouts' block scales (K / 32 a row)
+  int64_t scales;      // the integer layouts' block scales a row
+  Buffer<float> f32;       // F32Pairs rows, or the integer layouts' block scales
   Buffer<uint16_t> bf16;   // Bf16* rows
-  Buffer<int16_t> i16;     // I16Pairs rows
+  Buffer<int16_t> i16;     // I16Pairs and I16Groups rows
   Buffer<int8_t> bytes;    // I16Bytes rows (2 K bytes a row)
   Buffer<int32_t> sums;    // I16Bytes' 12 * each block's sum (K / 32 a row)
 
   Operand(Layout layout_, int64_t P, int64_t K_)
-      : layout(layout_), K(K_), stride(K_),
-        f32(layout_ == Layout::F32Pairs ? P * K_ : integer(layout_) ? P * K_ / 32 : 0),
-        bf16(layout_ == Layout::Bf16Quads || layout_ == Layout::Bf16Plain ? P * row_length(layout_, K_) : 0),
-        i16(layout_ == Layout::I16Pairs ? P * K_ : 0),
+      : layout(layout_), K(K_), stride(row_length(layout_, K_)), scales(scale_count(layout_, K_)),
+        f32(layout_ == Layout::F32Pairs ? P * K_ : P * scales),
+        bf16(layout_ == Layout::Bf16Quads || layout_ == Layout::Bf16Plain ? P * stride : 0),
+        i16(layout_ == Layout::I16Pairs || layout_ == Layout::I16Groups ? P * stride : 0),
         bytes(layout_ == Layout::I16Bytes ? 2 * P * K_ : 0),
-        sums(layout_ == Layout::I16Bytes ? P * K_ / 32 : 0) {
-    stride = row_length(layout, K);
-  }
+        sums(layout_ == Layout::I16Bytes ? P * K_ / 32 : 0) {}
 
-  static bool integer(Layout layout) { return layout == Layout::I16Pairs || layout == Layout::I16Bytes; }
+  static bool integer(Layout layout) {
+    return layout == Layout::I16Pairs || layout == Layout::I16Bytes || layout == Layout::I16Groups;
+  }
 
   static int64_t row_length([[maybe_unused]] Layout layout, int64_t K) {
 #if defined(OSSGPT_BF16_DOT)
     if (layout == Layout::Bf16Quads) return mxfp4::quads(K / 32) * 128;
 #endif
+#if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)
+    if (layout == Layout::I16Groups) return gemm_i16::groups(K / 32) * gemm_i16::kGroupValues;
+#endif
     return K;
+  }
+
+  static int64_t scale_count(Layout layout, int64_t K) {
+    if (!integer(layout)) return 0;
+    return row_length(layout, K) / 32;   // a scale a block, padding included
   }
 
   const float* f32_row(int64_t i) const { return f32.get() + i * stride; }
   const uint16_t* bf16_row(int64_t i) const { return bf16.get() + i * stride; }
   const int16_t* i16_row(int64_t i) const { return i16.get() + i * stride; }
   const int8_t* bytes_row(int64_t i) const { return bytes.get() + 2 * i * stride; }
-  const float* block_scales(int64_t i) const { return f32.get() + i * (K / 32); }
+  const float* block_scales(int64_t i) const { return f32.get() + i * scales; }
   const int32_t* block_sums(int64_t i) const { return sums.get() + i * (K / 32); }
 
   // Write row i from K floats, reordered so each packed code meets its input.
@@ -93,13 +108,18 @@ struct Operand {
 #endif
         throw std::logic_error("moe: bf16 layouts need the avx512bf16 level");
       case Layout::I16Pairs:
-        return mxfp4::to_i16_pairs(src, K, i16.get() + i * stride, f32.get() + i * (K / 32));
+        return mxfp4::to_i16_pairs(src, K, i16.get() + i * stride, f32.get() + i * scales);
       case Layout::I16Bytes:
 #if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)
-        return mxfp4::to_i16_bytes(src, K, bytes.get() + 2 * i * stride, f32.get() + i * (K / 32),
+        return mxfp4::to_i16_bytes(src, K, bytes.get() + 2 * i * stride, f32.get() + i * scales,
                                    sums.get() + i * (K / 32));
 #endif
         throw std::logic_error("moe: two-byte inputs need an x86 level");
+      case Layout::I16Groups:
+#if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)
+        return gemm_i16::to_groups(src, K, i16.get() + i * stride, f32.get() + i * scales);
+#endif
+        throw std::logic_error("moe: int16 groups need an x86 level");
     }
   }
 };
@@ -122,17 +142,16 @@ struct Job {
 
 // Each used expert's rows in ranges sized so there are several jobs per thread, and small enough
 // (256 KiB of weights, `row_bytes` each as the kernel holds them) to stay in a core's L2 cache
-// while the token tiles pass over them.
+// while the token tiles pass over them; a multiple of `grain` rows (the register tiles' rows).
 inline std::vector<Job> make_jobs(const std::vector<int64_t>& starts, int64_t R, int64_t row_bytes,
-                                  int threads) {
-  constexpr int64_t kGrain = 4;
+                                  int threads, int64_t grain = 4) {
   const int64_t n_experts = (int64_t)starts.size() - 1;
   int64_t used = 0;
   for (int64_t e = 0; e < n_experts; ++e) used += starts[e + 1] > starts[e];
   const int64_t want = 8 * threads;
-  int64_t chunk = std::max<int64_t>(kGrain, R * used / std::max<int64_t>(want, 1));
-  chunk = std::min<int64_t>(chunk, std::max<int64_t>(kGrain, (256 << 10) / row_bytes));
-  chunk = std::min<int64_t>(R, (chunk + kGrain - 1) / kGrain * kGrain);
+  int64_t chunk = std::max<int64_t>(grain, R * used / std::max<int64_t>(want, 1));
+  chunk = std::min<int64_t>(chunk, std::max<int64_t>(grain, (256 << 10) / row_bytes));
+  chunk = std::min<int64_t>(R, (chunk + grain - 1) / grain * grain);
   std::vector<Job> jobs;
   for (int64_t e = 0; e < n_experts; ++e)
     if (starts[e + 1] > starts[e])
@@ -167,12 +186,23 @@ inline void expert_matmul(const Operand& x, bool panels, const std::vector<int64
                           const ExpertMatrix& w, float* y, const Parallel& parallel) {
   const int64_t R = w.R, G = w.G, K = G * 32;
   const bool bf16 = x.layout == Layout::Bf16Quads || x.layout == Layout::Bf16Plain;
-  const auto jobs = make_jobs(starts, R, panels ? K * (bf16 ? 2 : 4) : G * 17, parallel.threads);
+  const bool groups = x.layout == Layout::I16Groups;   // int16 panels (+ a float scale a block)
+  // int16 panels: rows a multiple of 12, whole 3- and 4-row tiles (a last single row ran at a
+  // third of the speed)
+  const auto jobs = make_jobs(starts, R, !panels ? G * 17 : groups ? x.stride * 2 + x.scales * 4 : K * (bf16 ? 2 : 4),
+                              parallel.threads, groups ? 12 : 4);
   const UsedBiases bias(w, starts);
-  parallel(0, (int64_t)jobs.size(), 1, [&](int64_t begin, int64_t end) {
+  // Panels: each thread takes the next job from a shared counter, not a fixed share of them:
+  // experts have unequal numbers of tokens, so equal numbers of jobs are unequal work. Decode:
+  // equal shares of consecutive jobs, each thread's weights then one stream in memory order.
+  const int64_t n_jobs = (int64_t)jobs.size();
+  std::atomic<int64_t> next{0};
+  parallel(0, panels ? parallel.threads : n_jobs, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> panel;
     std::vector<uint16_t> panel_bf16;
-    for (int64_t j = begin; j < end; ++j) {
+    std::vector<int16_t> panel_i16;
+    auto take = [&, i = begin]() mutable { return panels ? next++ : i < end ? i++ : n_jobs; };
+    for (int64_t j; (j = take()) < n_jobs;) {
       const Job& job = jobs[j];
       const uint8_t* wb = w.blocks + job.expert * R * G * 16;
       const uint8_t* ws = w.scales + job.expert * R * G;
@@ -184,6 +214,19 @@ inline void expert_matmul(const Operand& x, bool panels, const std::vector<int64
         mxfp4::dequantize_bf16(wb + job.r0 * G * 16, ws + job.r0 * G, rows * G, panel_bf16.data());
         gemm_bf16<4, 6>(panel_bf16.data(), K, rows, x.bf16_row(t0), x.stride, t_end - t0, K,
                         y + t0 * R + job.r0, R, b + job.r0);
+#endif
+        continue;
+      }
+      if (panels && groups) {   // int16 codes and int16 inputs (gemm_i16.h)
+#if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)
+        const int64_t L = x.stride, S = x.scales;
+        panel_i16.resize(rows * L);
+        panel.resize(rows * S);
+        for (int64_t r = 0; r < rows; ++r)
+          gemm_i16::decode_row(wb + (job.r0 + r) * G * 16, ws + (job.r0 + r) * G, G, panel_i16.data() + r * L,
+                               panel.data() + r * S);
+        gemm_i16::gemm(panel_i16.data(), L, panel.data(), S, rows, x.i16_row(t0), L, x.block_scales(t0), S,
+                       t_end - t0, L / gemm_i16::kGroupValues, y + t0 * R + job.r0, R, b + job.r0);
 #endif
         continue;
       }
@@ -248,7 +291,7 @@ inline void forward(const float* x, bool bf16, const int64_t* indices, const flo
 #elif defined(OSSGPT_NEON)
   const Layout layout = bf16 && !panels ? Layout::I16Pairs : Layout::F32Pairs;
 #else
-  const Layout layout = bf16 && !panels ? Layout::I16Bytes : Layout::F32Pairs;
+  const Layout layout = !bf16 ? Layout::F32Pairs : panels ? Layout::I16Groups : Layout::I16Bytes;
 #endif
   Operand xs(layout, P, C);
   parallel(0, P, 16, [&](int64_t b, int64_t e) {
