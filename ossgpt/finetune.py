@@ -87,10 +87,10 @@ def _records(source: str):
         yield f"{source}[{i}]", row
 
 
-def read_chats(source: str | Path, strict: bool = False) -> tuple[list[Chat], list[str]]:
-    """Every usable conversation, rendered; -> (chats, problems "file:line: why"). With
-    `strict`, the first bad line is an error instead of a skipped line."""
-    chats, problems = [], []
+def iter_chats(source: str | Path, strict: bool = False, problems: list[str] | None = None):
+    """Each usable conversation, rendered, as the file is read (memory does not grow with it);
+    a bad line is an OssgptError naming it with `strict`, else appended to `problems` as
+    "file:line: why" and skipped."""
     for where, record in _records(str(source)):
         try:
             if isinstance(record, Exception):
@@ -100,9 +100,17 @@ def read_chats(source: str | Path, strict: bool = False) -> tuple[list[Chat], li
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             if strict:
                 raise OssgptError(f"{where}: {e}") from None
-            problems.append(f"{where}: {e}")
+            if problems is not None:
+                problems.append(f"{where}: {e}")
             continue
-        chats.append(Chat(ex, tokens, mask, where))
+        yield Chat(ex, tokens, mask, where)
+
+
+def read_chats(source: str | Path, strict: bool = False) -> tuple[list[Chat], list[str]]:
+    """Every usable conversation, rendered; -> (chats, problems "file:line: why"). With
+    `strict`, the first bad line is an error instead of a skipped line."""
+    problems: list[str] = []
+    chats = list(iter_chats(source, strict, problems))
     if not chats:
         raise OssgptError(f"{source}: no usable conversations" +
                           (f" (first problem: {problems[0]})" if problems else ""))

@@ -90,41 +90,51 @@ def router(data: str, model: str = "nano", out: str = "runs/router", layers: str
     strict: stop at a malformed data line (default); --no-strict skips it with a warning
     device: cpu, cuda or auto
     dtype: bfloat16, float32 or float16"""
+    import itertools
+
     from tqdm import tqdm
 
-    from ..finetune import read_chats
+    from ..finetune import iter_chats
     from .router import RouterStats, kind_ids, pad_labels, stop_after
     from .trace import Trace, check_layers, run
 
     _at_least_one("--batch", batch)
     wanted = _ints("--layers", layers)
-    # A statistic over a silently shrunken data set misleads, so a bad line stops the run unless
-    # --no-strict asks for skipping (then every skipped line is named, as finetune does).
-    chats, problems = read_chats(data, strict=strict)
-    for p in problems[:10]:
-        print(f"skipped {p}", file=sys.stderr)
-    if len(problems) > 10:
-        print(f"... and {len(problems) - 10} more malformed lines skipped", file=sys.stderr)
-    chats = chats[:limit] if limit else chats
+    # Conversations are read as they are routed, a window at a time: memory does not grow
+    # with the data. A statistic over a silently shrunken data set misleads, so a bad line
+    # stops the run unless --no-strict asks for skipping (every skipped line is then named).
+    problems: list[str] = []
+    chats = itertools.islice(iter_chats(data, strict, problems), limit)
+    window = list(itertools.islice(chats, 64 * batch))     # read before loading: fail fast
+    if not window:
+        raise OssgptError(f"{data}: no usable conversations" +
+                          (f" (first problem: {problems[0]})" if problems else ""))
     net = _model(model, device, dtype)
     stats = RouterStats(net, check_layers(net, wanted))
     out_dir = Path(out)
     start = time.perf_counter()
-    # Similar lengths together waste less on padding; the order does not change any statistic.
-    order = sorted(range(len(chats)), key=lambda i: len(chats[i].tokens))
-    n_tokens = 0
+    n_chats = n_tokens = 0
     with Trace(net, stats.layers, record=("router",), keep=False, on_record=stats.on_record), \
-            tqdm(total=len(chats), desc="Routing", unit="chat", file=sys.stderr) as bar:
-        for b in range(0, len(order), batch):
-            group = [chats[i].tokens for i in order[b:b + batch]]
-            stats.labels = pad_labels([kind_ids(t) for t in group])
-            with stop_after(net, max(stats.layers)):
-                run(net, group)
-            n_tokens += sum(len(t) for t in group)
-            bar.update(len(group))
+            tqdm(total=limit, desc="Routing", unit="chat", file=sys.stderr) as bar:
+        while window:
+            # Similar lengths together waste less on padding; order changes no statistic.
+            window.sort(key=lambda c: len(c.tokens))
+            for b in range(0, len(window), batch):
+                group = [c.tokens for c in window[b:b + batch]]
+                stats.labels = pad_labels([kind_ids(t) for t in group])
+                with stop_after(net, max(stats.layers)):
+                    run(net, group)
+                n_tokens += sum(len(t) for t in group)
+                bar.update(len(group))
+            n_chats += len(window)
+            window = list(itertools.islice(chats, 64 * batch))
+    for p in problems[:10]:
+        print(f"skipped {p}", file=sys.stderr)
+    if len(problems) > 10:
+        print(f"... and {len(problems) - 10} more malformed lines skipped", file=sys.stderr)
     seconds = time.perf_counter() - start
     summary = stats.summary()
-    meta = {"data": str(data), "model": model, "conversations": len(chats), "tokens": n_tokens,
+    meta = {"data": str(data), "model": model, "conversations": n_chats, "tokens": n_tokens,
             "skipped_lines": problems, "seconds": round(seconds, 2), "batch": batch,
             "dtype": dtype, "peak_rss_mib": _peak_rss_mib(), "stats_bytes": stats.nbytes()}
     from .report import write_json
