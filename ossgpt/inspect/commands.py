@@ -323,21 +323,6 @@ def steer(positive: str, negative: str, layer: int, model: str = "nano", out: st
                (positive, pos_text, pos), (negative, neg_text, neg), model)
 
 
-def _projections(net, prompts: list[list[int]], layer: int, position: str, unit) -> list[float]:
-    """Each prompt's residual stream after `layer` (as mean_residual reads it) projected on `unit`."""
-    from .trace import Trace, run
-
-    out = []
-    for start in range(0, len(prompts), 8):
-        with Trace(net, layers=[layer], record=("residual",)) as trace:
-            _, positions = run(net, prompts[start:start + 8])
-        h = trace["residual", layer].float()
-        real = (positions >= 0).to(h.device)
-        rows = h[:, -1] if position == "last" else (h * real[..., None]).sum(1) / real.sum(1, keepdim=True)
-        out += (rows @ unit).tolist()
-    return out
-
-
 def _run_steer(net, out_dir: Path, layer: int, position: str, factors: list[float],
                query: list[int], prompt: str, chat: bool, max_tokens: int,
                positive: tuple, negative: tuple, model: str) -> None:
@@ -348,7 +333,7 @@ def _run_steer(net, out_dir: Path, layer: int, position: str, factors: list[floa
     from ..tokenizer import ENDOFTEXT, RETURN, get_tokenizer
     from .interventions import steer as add
     from .report import Section, _pyplot, _save, write_index, write_json
-    from .steering import SteeringVector, difference_of_means
+    from .steering import SteeringVector, difference_of_means, prompt_residuals
     from .trace import check_layers
 
     (layer,) = check_layers(net, layer)
@@ -359,8 +344,8 @@ def _run_steer(net, out_dir: Path, layer: int, position: str, factors: list[floa
             "positive_count": len(pos), "negative_count": len(neg), "model": model}
     SteeringVector(vector, layer, info).save(out_dir / "vector.safetensors")
     unit = vector / max(norm, 1e-12)
-    proj_pos = _projections(net, pos, layer, position, unit.to(net.device))
-    proj_neg = _projections(net, neg, layer, position, unit.to(net.device))
+    proj_pos = (prompt_residuals(net, pos, layer, position) @ unit.double()).tolist()
+    proj_neg = (prompt_residuals(net, neg, layer, position) @ unit.double()).tolist()
     tok = get_tokenizer()
     stops = stop_tokens() if chat else [ENDOFTEXT, RETURN]
     generations = []

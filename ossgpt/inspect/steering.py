@@ -63,26 +63,27 @@ def _metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8:8 + n]).get("__metadata__") or {}
 
 
-def mean_residual(model: Transformer, prompts: Sequence[Sequence[int]], layer: int,
-                  position: str = "mean") -> torch.Tensor:
-    """The mean over prompts of the residual stream after block `layer`, at each prompt's last
-    token (`position="last"`) or averaged over its tokens ("mean"). -> (C,) float32."""
+def prompt_residuals(model: Transformer, prompts: Sequence[Sequence[int]], layer: int,
+                     position: str = "mean") -> torch.Tensor:
+    """Each prompt's residual stream after block `layer`, at its last token (`position="last"`)
+    or averaged over its tokens ("mean"). -> (N, C) float64, on the CPU."""
     if position not in POSITIONS:
         raise InspectError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
     (layer,) = check_layers(model, layer)
-    total, n = torch.zeros(model.config.hidden_size, dtype=torch.float64), 0
+    rows = []
     for start in range(0, len(prompts), 8):             # batches of 8 bound the memory
-        batch = prompts[start:start + 8]
         with Trace(model, layers=[layer], record=("residual",)) as trace:
-            _, positions = run(model, batch)
+            _, positions = run(model, prompts[start:start + 8])
         h = trace["residual", layer].double()                               # (B, T, C)
         real = (positions >= 0).to(h.device)
-        if position == "last":
-            total += h[:, -1].sum(0)
-        else:
-            total += ((h * real[..., None]).sum(1) / real.sum(1, keepdim=True)).sum(0)
-        n += len(batch)
-    return (total / n).float()
+        rows.append(h[:, -1] if position == "last" else (h * real[..., None]).sum(1) / real.sum(1, keepdim=True))
+    return torch.cat(rows)
+
+
+def mean_residual(model: Transformer, prompts: Sequence[Sequence[int]], layer: int,
+                  position: str = "mean") -> torch.Tensor:
+    """The mean over prompts of prompt_residuals. -> (C,) float32."""
+    return prompt_residuals(model, prompts, layer, position).mean(0).float()
 
 
 def difference_of_means(model: Transformer, positive: Sequence[Sequence[int]],
