@@ -40,7 +40,7 @@ With --isa LEVEL every engine runs as on a CPU whose best instruction set is LEV
 avx512), to compare on a machine that has more: ossgpt's kernels at that level (OSSGPT_ISA),
 PyTorch's own kernels and oneDNN's capped to it (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA: the
 prefill products of ossgpt and all of transformers), and llama.cpp from a build for it, given
-with --llama-cpp-path (a `pip install --target` of llama-cpp-python; README, "Comparing engines").
+with --llama-cpp-path (a `pip install --target` of llama-cpp-python; docs/benchmarks.md).
 Memory and caches stay this machine's. The results file ends in -LEVEL.
 
 With --device cuda every engine runs on the GPU: ossgpt with its experts dense where they fit
