@@ -307,7 +307,7 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 16, max_model_len: int | None = None,
           max_queue: int = 256, served_name: str | None = None, device: str = "auto",
           dtype: str = "bfloat16", adapter: str | None = None,
-          batch_invariant: bool = False, steer: str | None = None) -> None:
+          batch_invariant: bool = False, steer: str | None = None, store: str | None = None) -> None:
     """Serve the model behind an OpenAI-compatible HTTP API (chat completions, responses,
     completions) with continuous batching.
 
@@ -323,10 +323,14 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
     dtype: bfloat16, float32 or float16
     adapter: LoRA adapters to serve beside the base, NAME=DIR[,NAME=DIR...]; requests pick one by model name
     batch_invariant: a request's tokens depend on its prompt and seed alone, not on the batch it shares (the replies of ossgpt eval's in-process runs; slower decode)
-    steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated; every request is answered steered"""
+    steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated; every request is answered steered
+    store: SQLite file keeping the Responses API's stored responses across restarts (default: responses.sqlite in the user's data folder, e.g. ~/.local/share/ossgpt); :memory: keeps them until the server stops"""
     import uvicorn
 
     from .server.app import create_app
+    from .server.store import ResponseStore, default_path
+
+    responses = ResponseStore(store or default_path())    # a bad --store fails before the load
 
     adapters = {}
     for item in (adapter or "").split(","):
@@ -339,7 +343,7 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
     net = _load(model, device, dtype)
     app = create_app(net, served_name or model, api_key=api_key, max_batch=max_batch,
                      max_model_len=max_model_len, max_queue=max_queue, adapters=adapters,
-                     batch_invariant=batch_invariant)
+                     batch_invariant=batch_invariant, store=responses)
     with _steered(net, steers):
         print(f"Serving {served_name or model} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import openai
@@ -21,6 +22,10 @@ from ossgpt import ModelConfig, kernels
 from ossgpt.checkpoint import write_random
 from ossgpt.kernels import build
 from ossgpt.server.subprocess import served
+
+# `ossgpt serve` keeps stored responses in the user's data folder (--store's default): the
+# servers tests start use a folder of this session's instead (platformdirs reads XDG_DATA_HOME).
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="ossgpt-test-data-")
 
 TINY_SEED = 0
 # Third-party test data (openai/harmony's goldens, openai/gpt-oss's compatibility cases): the

@@ -23,6 +23,7 @@ from .generation import Limits
 from .metrics import Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from .responses import ResponsesAPI
+from .store import ResponseStore
 
 MAX_BODY_BYTES = 4 << 20
 
@@ -79,10 +80,12 @@ class _BodyLimit:
 def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
                max_batch: int = 16, max_model_len: int | None = None,
                max_queue: int = 256, adapters: dict[str, str] | None = None,
-               batch_invariant: bool = False) -> FastAPI:
+               batch_invariant: bool = False, store: str | ResponseStore = ":memory:") -> FastAPI:
     """`adapters`: LoRA adapters (name -> PEFT directory) served beside the base model; a
     request picks one by sending its name as `model`. `batch_invariant`: each request's tokens
-    depend on its prompt and seed alone, not on what shares the batch (engine.py)."""
+    depend on its prompt and seed alone, not on what shares the batch (engine.py). `store`: the
+    SQLite file (or an open ResponseStore) that keeps stored responses across restarts
+    (store.py); ":memory:" keeps them for this app's life."""
     if adapters:
         from ..lora import load_adapters
         load_adapters(model, adapters)
@@ -92,12 +95,14 @@ def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
                     batch_invariant=batch_invariant)
     context = model.config.initial_context_length * (model.config.rope_scaling_factor or 1)
     limits = Limits(min(max_model_len or context, context))
-    responses = ResponsesAPI(engine, limits)
+    stored = store if isinstance(store, ResponseStore) else ResponseStore(store)
+    responses = ResponsesAPI(engine, limits, stored)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         engine.shutdown()
+        stored.close()
 
     app = FastAPI(title="ossgpt", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
@@ -202,6 +207,18 @@ def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
         if req.stream:
             return await _sse(responses.stream(req, adapter), request, done=False, named=True)
         return await _unless_disconnected(responses.create(req, adapter), request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str):
+        return stored.get(response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(response_id: str, limit: int = 20, order: str = "desc", after: str | None = None):
+        return stored.input_items(response_id, limit, order, after)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        return stored.delete(response_id)
 
     return app
 

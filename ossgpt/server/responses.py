@@ -3,11 +3,10 @@ outputs, reasoning items that clients replay) become chat messages, rendered wit
 reply becomes output items (reasoning, message, function_call). Streaming sends the standard
 event sequence, ending in exactly one response.completed / response.incomplete / response.failed.
 
-Stored responses (for `previous_response_id`) live in memory, bounded (oldest dropped)."""
+Stored responses (`previous_response_id`, GET and DELETE) live in a ResponseStore (store.py)."""
 
 from __future__ import annotations
 
-import collections
 import time
 import uuid
 
@@ -15,6 +14,7 @@ from ..harmony import render_prompt
 from .generation import (Limits, ReplyRun, make_constraint, resolve_tool_choice, sampling_params,
                          submit, token_budget, tokenizing)
 from .protocol import APIError, ResponsesRequest
+from .store import ResponseStore, input_items
 
 
 def _id(prefix: str) -> str:
@@ -78,25 +78,6 @@ def input_messages(items: str | list[dict]) -> list[dict]:
     return messages
 
 
-class Store:
-    """previous_response_id -> the conversation up to and including that response."""
-
-    def __init__(self, capacity: int = 1000) -> None:
-        self.items: collections.OrderedDict[str, list[dict]] = collections.OrderedDict()
-        self.capacity = capacity
-
-    def get(self, response_id: str) -> list[dict]:
-        if response_id not in self.items:
-            raise APIError(404, f"previous response {response_id!r} not found",
-                           param="previous_response_id", code="previous_response_not_found")
-        return list(self.items[response_id])
-
-    def put(self, response_id: str, messages: list[dict]) -> None:
-        self.items[response_id] = messages
-        while len(self.items) > self.capacity:
-            self.items.popitem(last=False)
-
-
 def _tools(req: ResponsesRequest):
     tools = [t for t in req.tools or [] if t.type == "function"]
     if len(tools) != len(req.tools or []):
@@ -125,12 +106,11 @@ def _json_schema(req: ResponsesRequest) -> dict | None:
 
 
 class ResponsesAPI:
-    def __init__(self, engine, limits: Limits) -> None:
-        self.engine, self.limits = engine, limits
-        self.store = Store()
+    def __init__(self, engine, limits: Limits, store: ResponseStore) -> None:
+        self.engine, self.limits, self.store = engine, limits, store
 
     def prepare(self, req: ResponsesRequest, adapter: str | None = None) -> dict:
-        history = self.store.get(req.previous_response_id) if req.previous_response_id else []
+        history = self.store.conversation(req.previous_response_id) if req.previous_response_id else []
         messages = history + input_messages(req.input)
         tools, schemas, choice = _tools(req)
         json_schema = _json_schema(req)
@@ -172,7 +152,7 @@ class ResponsesAPI:
 
     def _finish(self, req: ResponsesRequest, p: dict, output: list[dict]) -> dict:
         run: ReplyRun = p["run"]
-        status = "incomplete" if run.finish_reason == "length" else "completed"
+        response = self.response(req, p, "incomplete" if run.finish_reason == "length" else "completed", output)
         if req.store:
             turn: dict = {"role": "assistant", "content": run.content}
             if run.reasoning:
@@ -182,8 +162,8 @@ class ResponsesAPI:
                 turn["tool_calls"] = [{"id": c["call_id"], "type": "function",
                                        "function": {"name": c["name"], "arguments": c["arguments"]}}
                                       for c in calls]
-            self.store.put(p["id"], p["messages"] + [turn])
-        return self.response(req, p, status, output)
+            self.store.put(response, p["messages"] + [turn], input_items(req.input))
+        return response
 
     async def create(self, req: ResponsesRequest, adapter: str | None = None) -> dict:
         p = self.prepare(req, adapter)
