@@ -36,7 +36,7 @@ RANGES: dict[str, Range] = {
     "batch_tokens": _at_least(1), "micro_batch_tokens": _at_least(1), "lora_rank": _at_least(1),
     "lora_alpha": _above(0), "epochs": _above(0), "val_split": (lambda x: 0 <= x < 1, "in [0, 1)"),
     "prompt_tokens": _at_least(1), "decode_steps": _at_least(1), "repeats": _at_least(1),
-    "limit": _at_least(1),
+    "limit": _at_least(1), "prefix_cache_gb": _at_least(0), "prefill_chunk": _at_least(1),
 }
 
 
@@ -307,7 +307,8 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 16, max_model_len: int | None = None,
           max_queue: int = 256, served_name: str | None = None, device: str = "auto",
           dtype: str = "bfloat16", adapter: str | None = None,
-          batch_invariant: bool = False, steer: str | None = None, store: str | None = None) -> None:
+          batch_invariant: bool = False, steer: str | None = None, store: str | None = None,
+          prefix_cache_gb: float = 1.0, prefill_chunk: int = 256) -> None:
     """Serve the model behind an OpenAI-compatible HTTP API (chat completions, responses,
     completions) with continuous batching.
 
@@ -324,7 +325,9 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
     adapter: LoRA adapters to serve beside the base, NAME=DIR[,NAME=DIR...]; requests pick one by model name
     batch_invariant: a request's tokens depend on its prompt and seed alone, not on the batch it shares (the replies of ossgpt eval's in-process runs; slower decode)
     steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated; every request is answered steered
-    store: SQLite file keeping the Responses API's stored responses across restarts (default: responses.sqlite in the user's data folder, e.g. ~/.local/share/ossgpt); :memory: keeps them until the server stops"""
+    store: SQLite file keeping the Responses API's stored responses across restarts (default: responses.sqlite in the user's data folder, e.g. ~/.local/share/ossgpt); :memory: keeps them until the server stops
+    prefix_cache_gb: memory for the keys and values of recent prompts, reused by prompts that begin alike (the next turn of a conversation, a shared system prompt); 0 turns it off
+    prefill_chunk: prompt tokens prefilled between two decode steps of running requests (smaller: shorter stalls for them, slower prefill)"""
     import uvicorn
 
     from .server.app import create_app
@@ -343,7 +346,8 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
     net = _load(model, device, dtype)
     app = create_app(net, served_name or model, api_key=api_key, max_batch=max_batch,
                      max_model_len=max_model_len, max_queue=max_queue, adapters=adapters,
-                     batch_invariant=batch_invariant, store=responses)
+                     batch_invariant=batch_invariant, store=responses, prefix_cache_gb=prefix_cache_gb,
+                     prefill_chunk=prefill_chunk)
     with _steered(net, steers):
         print(f"Serving {served_name or model} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)

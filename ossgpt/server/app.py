@@ -80,7 +80,8 @@ class _BodyLimit:
 def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
                max_batch: int = 16, max_model_len: int | None = None,
                max_queue: int = 256, adapters: dict[str, str] | None = None,
-               batch_invariant: bool = False, store: str | ResponseStore = ":memory:") -> FastAPI:
+               batch_invariant: bool = False, store: str | ResponseStore = ":memory:",
+               prefix_cache_gb: float = 0.0, prefill_chunk: int = 256) -> FastAPI:
     """`adapters`: LoRA adapters (name -> PEFT directory) served beside the base model; a
     request picks one by sending its name as `model`. `batch_invariant`: each request's tokens
     depend on its prompt and seed alone, not on what shares the batch (engine.py). `store`: the
@@ -92,7 +93,8 @@ def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
     served = [model_name, *(adapters or {})]
     metrics = Metrics()
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, metrics=metrics,
-                    batch_invariant=batch_invariant)
+                    batch_invariant=batch_invariant, prefill_chunk=prefill_chunk,
+                    prefix_cache_bytes=int(prefix_cache_gb * 2**30))
     context = model.config.initial_context_length * (model.config.rope_scaling_factor or 1)
     limits = Limits(min(max_model_len or context, context))
     stored = store if isinstance(store, ResponseStore) else ResponseStore(store)

@@ -84,7 +84,7 @@ def _usage(prompt: list[int], runs: list[ReplyRun]) -> dict:
     return {"prompt_tokens": len(prompt), "completion_tokens": completion,
             "total_tokens": len(prompt) + completion,
             "completion_tokens_details": {"reasoning_tokens": sum(r.reasoning_tokens for r in runs)},
-            "prompt_tokens_details": {"cached_tokens": 0}}
+            "prompt_tokens_details": {"cached_tokens": min(r.seq.cached_tokens for r in runs)}}
 
 
 async def complete(engine, req: ChatCompletionRequest, model: str, prompt, s) -> dict:

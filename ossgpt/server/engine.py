@@ -2,18 +2,22 @@
 Requests for a LoRA adapter (`ossgpt serve --adapter`) form their own batch, decoded in the same
 loop with that adapter switched on.
 
-New requests are prefilled (together, when several wait) into a cache of their own which then
-joins the running batch between two decode steps (`Cache.extend`); a finished or cancelled
-request leaves the batch at once and its cache rows are freed (`Cache.select`). Each request has
-its own sampling parameters, seeded generator and optional logits constraint, so its sampling
-does not depend on what else shares the batch. Results go back to the asyncio side through each
-request's queue.
+New requests are prefilled into a cache of their own, one chunk of `prefill_chunk` tokens per
+engine step, between the decode steps of the running batch: a long prompt arriving delays each
+running stream by one chunk a token, not by its whole prefill (fair prefill). Requests arriving
+together are prefilled together; a prompt that begins with tokens the prefix cache holds
+(prefix_cache.py) starts from their keys and values. Once prefilled, the cache joins the running
+batch (`Cache.extend`); a finished or cancelled request leaves the batch at once and its cache
+rows are freed (`Cache.select`). Each request has its own sampling parameters, seeded generator
+and optional logits constraint, so its sampling does not depend on what else shares the batch.
+Results go back to the asyncio side through each request's queue.
 
 The logits themselves can: a batched prefill pads prompts, and the CPU kernels sum a row's
 products in an order chosen by the number of rows. With `batch_invariant`, each request is
-prefilled alone and decode runs under `kernels.row_invariant()`, so a request's tokens are a
-function of its prompt and seed alone, whatever the batch (`ossgpt eval` relies on it; `ossgpt
-serve --batch-invariant` gives the same replies).
+prefilled alone, reuses cached prefixes only in whole chunks (so its chunks are those of an
+uncached prefill) and decode runs under `kernels.row_invariant()`, so a request's tokens are a
+function of its prompt and seed alone, whatever the batch and the cache (`ossgpt eval` relies
+on it; `ossgpt serve --batch-invariant` gives the same replies).
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import kernels
-from ..generate import TokenEvent, decode_step, prefill
+from ..generate import TokenEvent, decode_step, left_pad
 from ..model import Transformer
 from ..sampling import SamplingParams, make_generators, make_sampler
 from .constrain import ReplyConstraint
 from .metrics import Metrics
+from .prefix_cache import PrefixCache, recording_cache, stop_recording
 
 
 class QueueFull(Exception):
@@ -58,6 +63,7 @@ class Sequence:
     first_token: float | None = None
     error: str | None = None
     adapter: str | None = None               # a LoRA adapter served beside the base, by name
+    cached_tokens: int = 0                   # prompt tokens the prefix cache supplied
 
     def __post_init__(self) -> None:
         self.sample = make_sampler(self.sampling)
@@ -72,12 +78,17 @@ class Engine:
     """The batching loop. `submit` from the event loop; `stream` to iterate a request's events."""
 
     def __init__(self, model: Transformer, max_batch: int = 16, max_queue: int = 256,
-                 metrics: Metrics | None = None, batch_invariant: bool = False) -> None:
+                 metrics: Metrics | None = None, batch_invariant: bool = False,
+                 prefill_chunk: int = 256, prefix_cache_bytes: int = 0) -> None:
         self.model = model
         self.batch_invariant = batch_invariant
+        self.prefill_chunk = prefill_chunk
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
+        # One prefix cache per adapter (None: the base model): an adapter changes the keys.
+        self._prefixes = collections.defaultdict(
+            lambda: PrefixCache(model, prefix_cache_bytes, self.metrics) if prefix_cache_bytes > 0 else None)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running = 0   # requests in the batches, as of the engine thread's last look
         self._wake = threading.Condition()
@@ -120,7 +131,9 @@ class Engine:
     def stats(self) -> dict:
         batches = list(self._batches.values())
         return {"active": sum(len(b.active) for b in batches), "waiting": len(self._waiting),
-                "cache_bytes": sum(b.cache.nbytes for b in batches if b.cache is not None)}
+                "prefilling": sum(len(b.prefilling) for b in batches),
+                "cache_bytes": sum(b.cache.nbytes for b in batches if b.cache is not None),
+                "prefix_cache_bytes": sum(p.nbytes for p in list(self._prefixes.values()) if p is not None)}
 
     def shutdown(self) -> None:
         with self._wake:
@@ -138,7 +151,7 @@ class Engine:
                 if self._stopped:
                     return
                 joining: list[Sequence] = []
-                room = self.max_batch - sum(len(b.active) for b in self._batches.values())
+                room = self.max_batch - sum(b.rows for b in self._batches.values())
                 while self._waiting and len(joining) < room:
                     seq = self._waiting.popleft()
                     if seq.cancelled:
@@ -149,7 +162,8 @@ class Engine:
                 self.metrics.queue_size.set(len(self._waiting))
             for adapter in dict.fromkeys([s.adapter for s in joining] + list(self._batches)):
                 batch = self._batches.setdefault(
-                    adapter, _Batch(self.model, self.metrics, self.batch_invariant))
+                    adapter, _Batch(self.model, self.metrics, self.batch_invariant, self.prefill_chunk,
+                                    self._prefixes[adapter]))
                 rows = kernels.row_invariant() if self.batch_invariant else contextlib.nullcontext()
                 try:
                     with torch.inference_mode(), rows:
@@ -157,10 +171,10 @@ class Engine:
                         batch.step([s for s in joining if s.adapter == adapter])
                 except Exception as e:  # never let one bad step kill the server
                     batch.fail(f"generation failed: {e}")
-                if not batch.active:
+                if not batch.rows:
                     del self._batches[adapter]
             with self._wake:
-                self._running = sum(len(b.active) for b in self._batches.values())
+                self._running = sum(b.rows for b in self._batches.values())
             self.metrics.active.set(self._running)
 
 
@@ -170,30 +184,54 @@ def _select_adapter(model: Transformer, name: str | None) -> None:
         set_adapter(model, name)
 
 
-class _Batch:
-    """Active sequences decoded together: their cache, next-token logits and positions."""
+class _Prefill:
+    """Prompts being prefilled together into their own cache, a chunk per engine step."""
 
-    def __init__(self, model: Transformer, metrics: Metrics, invariant: bool = False) -> None:
-        self.model, self.metrics, self.invariant = model, metrics, invariant
+    def __init__(self, seqs: list[Sequence], cache, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+        self.seqs, self.cache, self.tokens, self.positions = seqs, cache, tokens, positions
+        self.done = 0                 # columns of `tokens` prefilled
+        self.h: torch.Tensor | None = None
+
+
+class _Batch:
+    """Active sequences decoded together (their cache, next-token logits and positions), and
+    the requests still being prefilled to join them."""
+
+    def __init__(self, model: Transformer, metrics: Metrics, invariant: bool = False,
+                 chunk: int = 256, prefixes: PrefixCache | None = None) -> None:
+        self.model, self.metrics, self.invariant, self.chunk = model, metrics, invariant, chunk
+        self.prefixes = prefixes
         self.active: list[Sequence] = []
+        self.prefilling: collections.deque[_Prefill] = collections.deque()
         self.cache = None
         self.logits: torch.Tensor | None = None   # (B, V): next-token logits of each row
         self.positions: torch.Tensor | None = None
 
+    @property
+    def rows(self) -> int:
+        """Requests decoding or being prefilled: what counts against --max-batch."""
+        return len(self.active) + sum(len(p.seqs) for p in self.prefilling)
+
     def fail(self, message: str) -> None:
-        for seq in self.active:
+        for seq in self.active + [s for p in self.prefilling for s in p.seqs]:
             seq.error = message
             seq.emit(None)
         self.active, self.cache, self.logits, self.positions = [], None, None, None
+        self.prefilling.clear()
 
     def step(self, joining: list[Sequence]) -> None:
-        if joining:
-            try:
-                self._admit(joining)
-            except Exception as e:
-                for seq in joining:
+        try:
+            if joining:
+                self._start(joining)
+            self._prefill_chunk()
+        except Exception as e:   # the requests not yet decoding fail; the batch goes on
+            decoding = {id(s) for s in self.active}
+            pending = {id(s): s for s in joining + [s for p in self.prefilling for s in p.seqs]}
+            for key, seq in pending.items():
+                if key not in decoding:
                     seq.error = f"generation failed: {e}"
                     seq.emit(None)
+            self.prefilling.clear()
         if not self.active:
             return
         logits = self.logits
@@ -249,25 +287,51 @@ class _Batch:
                                   self.positions.to(device), self.cache)
         self.positions = self.positions + 1
 
-    def _admit(self, joining: list[Sequence]) -> None:
+    def _start(self, joining: list[Sequence]) -> None:
+        """Queue prefill jobs: a request whose prompt the prefix cache shares starts from it,
+        alone; the others are prefilled together (alone each, when batch-invariant)."""
+        device = self.model.device
+        fresh = []
         for seq in joining:
-            seq.generator = make_generators(seq.sampling.seed, 1, self.model.device)[0]
-        if self.invariant:   # alone, unpadded: each prompt's cache and logits as at batch 1
-            cache, logits = self.model.make_cache(), []
-            for seq in joining:
-                own = self.model.make_cache()
-                logits.append(prefill(self.model, [seq.prompt], own))
-                cache.extend(own)
-            logits = torch.cat(logits)
-        else:
-            cache = self.model.make_cache()
-            logits = prefill(self.model, [s.prompt for s in joining], cache)
-        self.metrics.prompt_tokens.inc(sum(len(s.prompt) for s in joining))
-        positions = torch.tensor([len(s.prompt) for s in joining])
+            seq.generator = make_generators(seq.sampling.seed, 1, device)[0]
+            P, cache = (0, None) if self.prefixes is None else self.prefixes.lookup(
+                seq.prompt, align=self.chunk if self.invariant else 1)
+            if cache is None:
+                fresh.append(seq)
+                continue
+            seq.cached_tokens = P
+            positions = torch.arange(P, len(seq.prompt), device=device)[None]
+            self.prefilling.append(_Prefill([seq], cache, torch.tensor([seq.prompt[P:]], device=device), positions))
+        for group in ([[s] for s in fresh] if self.invariant else [fresh] if fresh else []):
+            tokens, positions = left_pad([s.prompt for s in group], device)
+            cache = recording_cache(self.model) if self.prefixes is not None else self.model.make_cache()
+            self.prefilling.append(_Prefill(group, cache, tokens, positions))
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the oldest prefill job; a finished job joins the batch."""
+        while self.prefilling and all(s.cancelled for s in self.prefilling[0].seqs):
+            for seq in self.prefilling.popleft().seqs:
+                seq.emit(None)
+        if not self.prefilling:
+            return
+        job = self.prefilling[0]
+        end = job.done + self.chunk
+        job.h = self.model.hidden_states(job.tokens[:, job.done:end], job.cache, job.positions[:, job.done:end])
+        job.done = min(end, job.tokens.shape[1])
+        if job.done < job.tokens.shape[1]:
+            return
+        self.prefilling.popleft()
+        prompts = [s.prompt for s in job.seqs]
+        if self.prefixes is not None:
+            self.prefixes.insert(prompts, job.cache)
+            stop_recording(job.cache)
+        self.metrics.prompt_tokens.inc(sum(len(p) - s.cached_tokens for p, s in zip(prompts, job.seqs)))
+        logits = self.model.logits(job.h[:, -1])
+        positions = torch.tensor([len(p) for p in prompts])
         if self.cache is None:
-            self.cache, self.logits, self.positions = cache, logits, positions
+            self.cache, self.logits, self.positions = job.cache, logits, positions
         else:
-            self.cache.extend(cache)
+            self.cache.extend(job.cache)
             self.logits = torch.cat([self.logits, logits])
             self.positions = torch.cat([self.positions, positions])
-        self.active.extend(joining)
+        self.active.extend(job.seqs)

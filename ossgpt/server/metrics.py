@@ -14,7 +14,12 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("ossgpt_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=r)
-        self.prompt_tokens = Counter("ossgpt_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter("ossgpt_prompt_tokens", "Prompt tokens prefilled (not counting those from the prefix cache)", registry=r)
+        self.prefix_hit_tokens = Counter("ossgpt_prefix_cache_hit_tokens",
+                                         "Prompt tokens whose keys and values came from the prefix cache", registry=r)
+        self.prefix_evictions = Counter("ossgpt_prefix_cache_evictions", "Prompts dropped from the prefix cache",
+                                        registry=r)
+        self.prefix_bytes = Gauge("ossgpt_prefix_cache_bytes", "Bytes the prefix cache holds", registry=r)
         self.generated_tokens = Counter("ossgpt_generation_tokens", "Tokens generated", registry=r)
         self.queue_size = Gauge("ossgpt_queue_size", "Requests waiting to join the batch", registry=r)
         self.active = Gauge("ossgpt_active_sequences", "Requests in the decoding batch", registry=r)

@@ -145,7 +145,7 @@ class ResponsesAPI:
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
             "store": req.store, "truncation": "disabled", "user": None,
             "usage": {"input_tokens": len(p["prompt"]),
-                      "input_tokens_details": {"cached_tokens": 0},
+                      "input_tokens_details": {"cached_tokens": run.seq.cached_tokens},
                       "output_tokens": run.completion_tokens,
                       "output_tokens_details": {"reasoning_tokens": run.reasoning_tokens},
                       "total_tokens": len(p["prompt"]) + run.completion_tokens}}

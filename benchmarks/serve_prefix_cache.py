@@ -1,0 +1,138 @@
+"""What the prefix cache and chunked prefill buy `ossgpt serve`:
+
+1. time to first token for turns 1-5 of a growing conversation (a developer message with tools,
+   then about 200 more tokens a turn), with the prefix cache off (--prefix-cache-gb 0) and on;
+2. the longest gap between tokens of 4 running streams while a 2,000-token prompt arrives, with
+   the prompt prefilled in one go (--prefill-chunk 100000, as before chunking) and in chunks of
+   256 (the default).
+
+    .venv/bin/python benchmarks/serve_prefix_cache.py --model nano
+    .venv/bin/python benchmarks/serve_prefix_cache.py --model ~/.cache/ossgpt-bench/checkpoints/20b-L4-hf
+
+Each setting gets its own server on a loopback port; the conversation's assistant turns are fixed
+text, so both passes send the same prompts. Writes benchmarks/results/serve_prefix_cache_<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+try:  # the openai package's HTTP client
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
+
+from ossgpt.demo_tools import DEMO_TOOLS
+from ossgpt.server.subprocess import served
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAGRAPH = ("Here is some more context about the trip we are planning: the train leaves at nine, we "
+             "change in Lyon, the hotel is near the old town, and we would like a restaurant that "
+             "serves fish, is open late, and is not too expensive for four people. ")
+
+
+def stream(client: httpx.Client, body: dict, on_token=None) -> float:
+    """Stream one chat completion; -> seconds to its first token. `on_token(t)` at each chunk."""
+    start = time.perf_counter()
+    first = None
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise SystemExit(f"request failed: {r.status_code} {r.read()[:300]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter()
+            delta = (json.loads(line[6:]).get("choices") or [{}])[0].get("delta") or {}
+            if not any(delta.get(k) for k in ("reasoning", "content", "tool_calls")):
+                continue                                   # the role chunk comes before any token
+            first = first or now
+            if on_token:
+                on_token(now)
+    return (first or time.perf_counter()) - start
+
+
+def conversation_ttfts(url: str, model: str, turns: int) -> list[float]:
+    messages = [{"role": "developer", "content": "You plan trips. Be brief."}]
+    out = []
+    with httpx.Client(base_url=url, timeout=None) as client:
+        for turn in range(turns):
+            messages.append({"role": "user", "content": f"Turn {turn + 1}. " + PARAGRAPH * 2})
+            out.append(stream(client, {"model": model, "messages": messages, "tools": DEMO_TOOLS,
+                                       "stream": True, "max_tokens": 2, "temperature": 0}))
+            messages.append({"role": "assistant", "content": f"Noted, turn {turn + 1}."})
+    return out
+
+
+def longest_gap(url: str, model: str, prompt_tokens: int) -> dict:
+    """4 streams decode; once each has a few tokens, a long prompt arrives: the longest gap
+    between two tokens of a running stream from then until the long request's first token."""
+    gaps: list[list[float]] = [[] for _ in range(4)]
+    arrived = threading.Event()
+
+    def run(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=None) as client:
+            last = [None]
+
+            def tick(t: float) -> None:
+                if arrived.is_set() and last[0] is not None:
+                    gaps[i].append(t - last[0])
+                last[0] = t
+            stream(client, {"model": model, "messages": [{"role": "user", "content": f"Count to {50 + i}."}],
+                            "stream": True, "max_tokens": 400, "temperature": 1, "seed": i,
+                            "stop": []}, tick)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    arrived.set()
+    with httpx.Client(base_url=url, timeout=None) as client:
+        words = " ".join(["word"] * prompt_tokens)
+        ttft = stream(client, {"model": model, "messages": [{"role": "user", "content": words}],
+                               "stream": True, "max_tokens": 1})
+    window = [g for gs in gaps for g in gs]
+    arrived.clear()
+    for t in threads:
+        t.join()
+    return {"longest_gap_s": max(window) if window else None, "long_prompt_ttft_s": ttft,
+            "tokens_during": len(window)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="nano")
+    p.add_argument("--turns", type=int, default=5)
+    p.add_argument("--long-prompt", type=int, default=2000)
+    args = p.parse_args(argv)
+    name = Path(args.model).name if args.model != "nano" else "nano"
+    results: dict = {"model": args.model, "machine": platform.processor() or platform.machine(),
+                     "cpus": os.cpu_count(), "prefix_cache": {}, "fair_prefill": {}}
+    for label, flags in (("off", ["--prefix-cache-gb", "0"]), ("on", [])):
+        with served("--model", args.model, "--served-name", "m", *flags, timeout=600) as url:
+            conversation_ttfts(url, "m", 1)                                   # warm-up
+            results["prefix_cache"][label] = conversation_ttfts(url, "m", args.turns)
+    print(f"{name}: time to first token by turn (s)")
+    print(f"{'turn':>6}{'cache off':>12}{'cache on':>12}{'ratio':>8}")
+    for t, (a, b) in enumerate(zip(results["prefix_cache"]["off"], results["prefix_cache"]["on"])):
+        print(f"{t + 1:>6}{a:>12.3f}{b:>12.3f}{a / b:>7.1f}x")
+    for label, chunk in (("one go", "100000"), ("chunks of 256", "256")):
+        with served("--model", args.model, "--served-name", "m", "--prefill-chunk", chunk, timeout=600) as url:
+            conversation_ttfts(url, "m", 1)
+            results["fair_prefill"][label] = longest_gap(url, "m", args.long_prompt)
+    print(f"\n4 running streams, a {args.long_prompt}-word prompt arriving:")
+    for label, r in results["fair_prefill"].items():
+        print(f"  prefilled in {label:<14} longest gap {r['longest_gap_s']:.3f} s, "
+              f"its first token after {r['long_prompt_ttft_s']:.2f} s")
+    out = ROOT / "benchmarks" / "results" / f"serve_prefix_cache_{name}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
