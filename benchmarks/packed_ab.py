@@ -71,7 +71,7 @@ def main() -> None:
     ratios = [p / b for p, b in zip(rates["packed"], rates["bf16"])]
     for which, r in rates.items():
         print(f"{which:>7}: " + " ".join(f"{x:5.2f}" for x in r) + f"   median {statistics.median(r):.2f} tok/s")
-    print(f"packed / bf16, burst by burst: " + " ".join(f"{x:.2f}" for x in ratios)
+    print("packed / bf16, burst by burst: " + " ".join(f"{x:.2f}" for x in ratios)
           + f"   median {statistics.median(ratios):.2f}x")
 
 

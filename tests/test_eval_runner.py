@@ -118,7 +118,7 @@ def _rows(net, prompts: list[list[int]], steps: int = 4) -> list[torch.Tensor]:
         cache = net.make_cache()
         for p in group:                                # prefilled alone, as the engine does
             own = net.make_cache()
-            logits = prefill(net, [p], own)
+            prefill(net, [p], own)
             cache.extend(own)
         out, positions = [], torch.tensor([len(p) for p in group])
         tokens = torch.tensor([p[-1] for p in group])
