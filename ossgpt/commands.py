@@ -333,7 +333,17 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
     from .server.app import create_app
     from .server.store import ResponseStore, default_path
 
-    responses = ResponseStore(store or default_path())    # a bad --store fails before the load
+    if store:
+        try:
+            responses = ResponseStore(store)               # a bad --store fails before the load
+        except OssgptError as e:
+            raise OssgptError(f"--store {e}") from None
+    else:
+        try:
+            responses = ResponseStore(default_path())
+        except OssgptError as e:                           # e.g. a read-only home: serve anyway
+            print(f"ossgpt: the default response store {e}; kept in memory instead", file=sys.stderr)
+            responses = ResponseStore(":memory:")
 
     adapters = {}
     for item in (adapter or "").split(","):

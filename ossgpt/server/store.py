@@ -69,7 +69,7 @@ class ResponseStore:
             self._db.execute("PRAGMA synchronous=FULL")        # committed means on disk
             self._db.execute(_SCHEMA)
         except (OSError, sqlite3.Error) as e:
-            raise OssgptError(f"--store {self.path}: cannot use it as a response store ({e})") from None
+            raise OssgptError(f"{self.path}: cannot use it as a response store ({e})") from None
         self._lock = threading.Lock()
 
     def put(self, response: dict, conversation: list[dict], items: list[dict]) -> None:
