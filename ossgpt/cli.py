@@ -14,6 +14,7 @@ import typing
 from . import commands
 from .errors import OssgptError
 from .inspect import commands as inspect_commands
+from .convert import commands as convert_commands
 from .merge import commands as merge_commands
 
 COMMANDS = {
@@ -28,6 +29,7 @@ COMMANDS = {
     "bench": commands.bench,
     "merge-adapter": commands.merge_adapter,
     "merge": merge_commands.merge,
+    "convert": convert_commands.convert,
     "inspect": {
         "router": inspect_commands.router,
         "lens": inspect_commands.lens,
