@@ -13,8 +13,8 @@ import typing
 
 from . import commands
 from .errors import OssgptError
-from .inspect import commands as inspect_commands
 from .convert import commands as convert_commands
+from .inspect import commands as inspect_commands
 from .merge import commands as merge_commands
 
 COMMANDS = {

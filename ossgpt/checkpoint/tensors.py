@@ -12,7 +12,7 @@ from .. import mxfp4
 from ..config import ConfigError, ModelConfig
 from ..model import Transformer
 from .load import (COMPACT_IDS, VOCAB_TABLES, CheckpointError, TensorFiles, check_tensors,
-                   expand_vocab, is_packed, resolve)
+                   expand_vocab, is_packed, read_tensor, resolve)
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
           "F64": torch.float64, "U8": torch.uint8}
@@ -32,8 +32,8 @@ class Checkpoint:
         self.files = TensorFiles(self.directory)
         self.packed = is_packed(self.files, self.fmt)
         with torch.device("meta"):
-            self.meta = Transformer(self.config, packed_experts=self.packed).state_dict()
-        self.table = check_tensors(self.files, self.fmt, self.config, self.meta)
+            meta = Transformer(self.config, packed_experts=self.packed).state_dict()
+        self.table = check_tensors(self.files, self.fmt, self.config, meta)
         self._vocab: dict[str, torch.Tensor] | None = None
 
     def __str__(self) -> str:
@@ -59,8 +59,8 @@ class Checkpoint:
             t = self._tables()[name]
             return t if index is None else t[index]
         src = self.table[name]
-        if src.rows is not None:       # original's fused qkv: small, read whole
-            t = self.files.get(src.name)[src.rows[0]:src.rows[1]]
+        if index is None or src.rows is not None:   # (original's fused qkv: small, read whole)
+            t = read_tensor(self.files, src)
             return t if index is None else t[index]
         t = self.files.get(src.name, index)
         return t.transpose(-1, -2) if src.transpose else t

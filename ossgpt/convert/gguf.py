@@ -56,7 +56,7 @@ def from_ggml_mxfp4(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -- names ------------------------------------------------------------------------------------
 
-def _gguf_name(name_map: "gguf.TensorNameMap", hf_name: str) -> str:
+def _gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
     if not hf_name.endswith((".weight", ".bias")):
         hf_name += ".weight"    # the sinks: llama.cpp names them blk.N.attn_sinks.weight
     found = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -66,14 +66,14 @@ def _gguf_name(name_map: "gguf.TensorNameMap", hf_name: str) -> str:
 
 def tensor_plan(config: ModelConfig) -> list[tuple[str, str, str, int | None]]:
     """(GGUF name, our model tensor, kind, mlp1 rows: 0 gate / 1 up / None) for every tensor.
-    kind: "dense" (the --outtype), "f32", "experts" (MXFP4 or --outtype) or "bias"."""
+    kind: "dense" (the --outtype), "f32" or "experts" (MXFP4, or the --outtype when dense)."""
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT_OSS, config.num_hidden_layers)
     plan = []
     for ours, src in hf_table(config, packed=False).items():
         if ".experts." in ours:
             layer, m = ours.split(".")[1], ours.split(".")[4]
-            kind = "bias" if m.endswith("_bias") else "experts"
-            suffix = "bias" if kind == "bias" else "weight"
+            kind = "f32" if m.endswith("_bias") else "experts"
+            suffix = "bias" if kind == "f32" else "weight"
             hf = f"model.layers.{layer}.mlp.experts"
             if m.startswith("mlp1"):
                 plan.append((_gguf_name(name_map, f"{hf}.gate_proj.{suffix}"), ours, kind, 0))
@@ -89,8 +89,9 @@ def tensor_plan(config: ModelConfig) -> list[tuple[str, str, str, int | None]]:
 
 # -- writing ------------------------------------------------------------------------------------
 
-def _add_metadata(writer, config: ModelConfig, name: str, packed: bool, outtype: str) -> None:
-
+def _add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, name: str, packed: bool,
+                  outtype: str) -> None:
+    """The hyperparameters under llama.cpp's gpt-oss keys, the tokenizer, the chat template."""
     from ..checkpoint.hf_tokenizer import cached_tokenizer_json
 
     writer.add_type(gguf.GGUFType.MODEL)
@@ -157,7 +158,7 @@ def _split_shape(shape: tuple[int, ...], rows: int | None) -> tuple[int, ...]:
     return shape if rows is None else shape[:1] + (shape[1] // 2,) + shape[2:]
 
 
-def _encode(t: torch.Tensor, qtype: "gguf.GGMLQuantizationType") -> np.ndarray:
+def _encode(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """A float tensor as GGUF bytes of `qtype` (F32, BF16 or Q8_0)."""
     if qtype == gguf.GGMLQuantizationType.F32:
         return t.float().contiguous().numpy()
@@ -177,13 +178,16 @@ def write_gguf(src: Checkpoint, path: str | os.PathLike, outtype: str = "bf16",
         raise OssgptError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     Q = gguf.GGMLQuantizationType
     config, path = src.config, Path(path)
+    if config.vocab_size != tok.VOCAB_SIZE:
+        raise OssgptError(f"{src}: vocab_size {config.vocab_size}, where a GGUF carries the "
+                          f"o200k_harmony tokenizer's {tok.VOCAB_SIZE} tokens")
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Transformer(config, packed_experts=False).state_dict().items()}
 
-    def qtype(kind: str) -> "gguf.GGMLQuantizationType":
+    def qtype(kind: str) -> gguf.GGMLQuantizationType:
         if kind == "experts" and src.packed:
             return Q.MXFP4
-        return Q.F32 if kind in ("f32", "bias") else Q.BF16 if outtype == "bf16" else Q.Q8_0
+        return Q.F32 if kind == "f32" else Q.BF16 if outtype == "bf16" else Q.Q8_0
 
     def produce(ours: str, kind: str, rows: int | None) -> np.ndarray:
         if qtype(kind) == Q.MXFP4:
@@ -217,7 +221,7 @@ def write_gguf(src: Checkpoint, path: str | os.PathLike, outtype: str = "bf16",
 
 # -- reading ------------------------------------------------------------------------------------
 
-def _field(reader: "gguf.GGUFReader", key: str, default=None):
+def _field(reader: gguf.GGUFReader, key: str, default=None):
     field = reader.fields.get(key)
     return default if field is None else field.contents()
 
