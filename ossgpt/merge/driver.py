@@ -68,7 +68,7 @@ class Merger:
         else:
             base = plan.base.tensor(name, index)
             shape = base.shape
-            deltas = self._units(name, [m.delta_over(plan.base, name, index) for m in plan.models])
+            deltas = self._units(name, [m.delta_over(plan.base, base, name, index) for m in plan.models])
             base, = self._units(name, [base])
             weights = plan.weights(name)
             lam = plan.value(plan.parameters["lambda"], name)
@@ -99,12 +99,10 @@ class Merger:
     def get(self, name: str) -> torch.Tensor:
         if name in self._pending:
             return self._pending.pop(name)
-        if name.endswith(("_blocks", "_scales")):
+        if name.endswith(("_blocks", "_scales")):      # both made at once; the other kept
             stem = name.rsplit("_", 1)[0]
-            blocks, scales = self._experts_mxfp4(stem)
-            self._pending[f"{stem}_scales" if name.endswith("_blocks") else f"{stem}_blocks"] = \
-                scales if name.endswith("_blocks") else blocks
-            return blocks if name.endswith("_blocks") else scales
+            self._pending[f"{stem}_blocks"], self._pending[f"{stem}_scales"] = self._experts_mxfp4(stem)
+            return self._pending.pop(name)
         config = self.plan.config
         if ".experts." in name and name.endswith("_weight"):
             out = torch.empty(self._shape(name), dtype=self.out_dtype)

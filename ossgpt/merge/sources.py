@@ -42,9 +42,10 @@ class Model:
             return self.checkpoint.expert(*expert, index)
         return self.checkpoint.get(name, index).float()
 
-    def delta_over(self, base: "Model", name: str, index: Index = None) -> torch.Tensor:
-        """This model minus `base` (its task vector)."""
-        return self.tensor(name, index) - base.tensor(name, index)
+    def delta_over(self, base: "Model", base_value: torch.Tensor, name: str,
+                   index: Index = None) -> torch.Tensor:
+        """This model minus `base`, whose tensor is `base_value` (the task vector)."""
+        return self.tensor(name, index) - base_value
 
 
 class Adapter(Model):
@@ -85,11 +86,12 @@ class Adapter(Model):
         d = self.update(name, index)
         return t if d is None else t + d
 
-    def delta_over(self, base: Model, name: str, index: Index = None) -> torch.Tensor:
+    def delta_over(self, base: Model, base_value: torch.Tensor, name: str,
+                   index: Index = None) -> torch.Tensor:
         if base.checkpoint.directory != self.base.checkpoint.directory:
-            return super().delta_over(base, name, index)
+            return super().delta_over(base, base_value, name, index)
         d = self.update(name, index)
-        return torch.zeros_like(self.base.tensor(name, index)) if d is None else d
+        return torch.zeros_like(base_value) if d is None else d
 
 
 def is_adapter(ref: str) -> bool:
