@@ -165,16 +165,7 @@ def test_q8_0_gguf_back_to_hf(tiny_original, tmp_path):
     assert 0 < ((w - v).norm() / v.norm()).item() < 0.01
 
 
-def cli_error(capsys, *argv: str) -> str:
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-    assert info.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
-def test_gguf_of_another_architecture_is_refused(tmp_path, capsys):
+def test_gguf_of_another_architecture_is_refused(tmp_path, cli_error):
     path = tmp_path / "llama.gguf"
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_block_count(1)
@@ -183,10 +174,10 @@ def test_gguf_of_another_architecture_is_refused(tmp_path, capsys):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    err = cli_error(capsys, "convert", str(path), "--to", "hf", "--output", str(tmp_path / "out"))
+    err = cli_error("convert", str(path), "--to", "hf", "--output", str(tmp_path / "out"))
     assert str(path) in err and "'llama'" in err and "gpt-oss" in err
     (tmp_path / "text.gguf").write_text("not a gguf")
-    err = cli_error(capsys, "convert", str(tmp_path / "text.gguf"), "--from", "gguf", "--to", "hf",
+    err = cli_error("convert", str(tmp_path / "text.gguf"), "--from", "gguf", "--to", "hf",
                     "--output", str(tmp_path / "out"))
     assert "not a readable GGUF" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama.gguf", "text.gguf"]

@@ -57,20 +57,14 @@ def test_nano_to_hf_loads_in_transformers_with_the_same_logits(tmp_path):
         torch.testing.assert_close(hf(tokens).logits, ours, rtol=1e-5, atol=1e-5)
 
 
-def test_bad_input_is_one_error_and_writes_nothing(tiny_original, tmp_path, capsys):
-    def error(*argv: str) -> str:
-        with pytest.raises(SystemExit):
-            main(list(argv))
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and "\n" not in err, err
-        return err
-
-    assert "--to must be one of original, hf, gguf" in error(
+def test_bad_input_is_one_error_and_writes_nothing(tiny_original, tmp_path, cli_error):
+    assert "--to must be one of original, hf, gguf" in cli_error(
         "convert", str(tiny_original), "--to", "onnx", "--output", str(tmp_path / "a"))
-    assert "no such directory" in error("convert", str(tmp_path / "missing"), "--to", "hf",
-                                        "--output", str(tmp_path / "b"))
+    assert "no such directory" in cli_error("convert", str(tmp_path / "missing"), "--to", "hf",
+                                            "--output", str(tmp_path / "b"))
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    assert "already exists" in error("convert", str(tiny_original), "--to", "hf", "--output", str(tmp_path / "taken"))
+    assert "already exists" in cli_error("convert", str(tiny_original), "--to", "hf",
+                                         "--output", str(tmp_path / "taken"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]

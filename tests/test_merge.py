@@ -15,7 +15,6 @@ from safetensors import safe_open
 import ossgpt
 from ossgpt import commands
 from ossgpt.checkpoint import write_random
-from ossgpt.cli import main
 from ossgpt.lora import LoraConfig, add_lora, save_adapter
 from ossgpt.merge.driver import REPORT, Merger, run
 
@@ -182,17 +181,8 @@ models: [{{model: {model_a}, parameters: {{weight: 1}}}}, {{model: {model_b}, pa
 
 # -- errors: one line naming the problem, nothing written -----------------------------------------
 
-def cli_error(capsys, *argv: str) -> str:
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-    assert info.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 @pytest.mark.parametrize("case", ["shapes", "method", "parameter", "base", "density", "yaml"])
-def test_bad_configs_are_one_error_and_write_nothing(case, model_a, narrow, tmp_path, capsys):
+def test_bad_configs_are_one_error_and_write_nothing(case, model_a, narrow, tmp_path, cli_error):
     models = {"shapes": f"[{{model: {model_a}, parameters: {{weight: 1}}}}, {{model: {narrow}, parameters: {{weight: 1}}}}]"}
     text = {
         "shapes": f"merge_method: linear\nmodels: {models['shapes']}\n",
@@ -204,7 +194,7 @@ def test_bad_configs_are_one_error_and_write_nothing(case, model_a, narrow, tmp_
     }[case]
     config = write_config(tmp_path / "bad.yaml", text)
     out = tmp_path / "out"
-    err = cli_error(capsys, "merge", str(config), "--output", str(out))
+    err = cli_error("merge", str(config), "--output", str(out))
     expected = {"shapes": ["different shapes", "hidden_size 32", str(narrow)],
                 "method": ["frankenmerge", "linear, task_arithmetic, ties"],
                 "parameter": ["missing parameter 'density'", "models[0]"],

@@ -327,7 +327,7 @@ class GGUFModel:
         except NotImplementedError:
             raise OssgptError(f"{self.path}: tensor {name} is {t.tensor_type.name}, which the "
                               f"gguf package cannot dequantize") from None
-        return torch.from_numpy(np.ascontiguousarray(values.reshape(shape)))
+        return torch.from_numpy(np.array(values.reshape(shape)))     # a copy: the file is read-only
 
     def get(self, ours: str) -> torch.Tensor:
         """Model tensor `ours` (packed-experts names where the GGUF's experts are MXFP4)."""
