@@ -17,10 +17,13 @@ applying, and one without a filter as the default.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..checkpoint import formats
 from ..checkpoint.tensors import Checkpoint
@@ -59,9 +62,14 @@ class Plan:
     config: ModelConfig                      # of the output (the base's, else the first model's)
     raw: dict = field(default_factory=dict)
 
+    @functools.cached_property
+    def hf_names(self) -> dict[str, str]:
+        """Model tensor name -> its transformers name, which filters match."""
+        return {ours: src.name for ours, src in formats.hf_table(self.config, packed=False).items()}
+
     def value(self, raw: Any, name: str) -> float:
         """A parameter's value for model tensor `name` (filters, layer gradients)."""
-        return resolve(raw, name, self.config)
+        return resolve(raw, name, self.hf_names[name], self.config.num_hidden_layers)
 
     def weights(self, name: str) -> list[float]:
         return [self.value(p["weight"], name) for p in self.model_parameters]
@@ -70,19 +78,18 @@ class Plan:
         return [self.value(p["density"], name) for p in self.model_parameters]
 
 
-def resolve(raw: Any, name: str, config: ModelConfig) -> float:
-    if isinstance(raw, bool) or isinstance(raw, (int, float)):
+def resolve(raw: Any, name: str, hf_name: str, layers: int) -> float:
+    """A checked parameter (`_check_value`) for model tensor `name` of a `layers`-layer model."""
+    if isinstance(raw, (int, float)):
         return raw
-    if raw and all(isinstance(item, dict) for item in raw):
-        hf_name = formats.hf_table(config, packed=False)[name].name
+    if all(isinstance(item, dict) for item in raw):
         for item in raw:
             if "filter" not in item or item["filter"] in hf_name:
-                return resolve(item["value"], name, config)
+                return resolve(item["value"], name, hf_name, layers)
         raise AssertionError("checked: a filtered parameter has a default")
     # a gradient: the layers spread evenly from its first value to its last; the embedding
     # takes the first, the final norm and unembedding the last
     parts = name.split(".")
-    layers = config.num_hidden_layers
     where = (int(parts[1]) / max(1, layers - 1) if parts[0] == "blocks"
              else 0.0 if name.startswith("embedding") else 1.0)
     x = where * (len(raw) - 1)
@@ -127,8 +134,6 @@ def _check_range(name: str, raw: Any, where: str) -> None:
 def read(path: str | Path) -> Plan:
     """Read and check a merge config: the method, every parameter, and that every model opens
     and has the base's shape. Raises MergeConfigError (one line, naming the file) otherwise."""
-    import yaml
-
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -140,6 +145,8 @@ def read(path: str | Path) -> Plan:
         raise MergeConfigError(f"{path}: expected a mapping with merge_method and models")
     if "slices" in raw:
         raise MergeConfigError(f"{path}: slices are not supported; list the models under `models`")
+    # mergekit's dtype and tokenizer keys mean nothing here (merges compute in float32; every
+    # gpt-oss model has the o200k_harmony tokenizer), so configs written for it still read
     if unknown := sorted(set(raw) - {"merge_method", "base_model", "models", "parameters", "dtype",
                                      "tokenizer_source", "tokenizer"}):
         raise MergeConfigError(f"{path}: unknown key {unknown[0]!r}")
@@ -221,7 +228,7 @@ def read(path: str | Path) -> Plan:
             raise MergeConfigError(f"{path}: {method} is missing parameter {key!r} (under `parameters`)")
 
     reference = base or models[0]
-    for i, model in enumerate(models):
+    for model in models:
         for f in SHAPE_FIELDS:
             ours, theirs = getattr(model.config, f), getattr(reference.config, f)
             if ours != theirs:
