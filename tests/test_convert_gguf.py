@@ -31,10 +31,14 @@ from ossgpt.cli import main
 from ossgpt.convert.gguf import from_ggml_mxfp4, to_ggml_mxfp4, write_gguf
 from ossgpt.harmony import render_prompt
 
-llama_cpp = pytest.importorskip("llama_cpp")
-
 QUESTION = "What is 348 + 275?"
 BAND_FACTOR = 2.0
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """The peer (llama-cpp-python, in the test extra)."""
+    return pytest.importorskip("llama_cpp")
 
 
 def test_mxfp4_blocks_repacked_for_ggml():
@@ -83,7 +87,7 @@ def test_gguf_metadata(nano_reader):
     assert types["blk.0.attn_sinks.weight"] == types["blk.0.ffn_gate_inp.weight"] == "F32"
 
 
-def test_nano_gguf_in_llama_cpp_matches_ossgpt(nano_gguf):
+def test_nano_gguf_in_llama_cpp_matches_ossgpt(nano_gguf, llama_cpp):
     prompt = render_prompt([{"role": "user", "content": QUESTION}], date="", reasoning_effort="low")
     llm = llama_cpp.Llama(str(nano_gguf), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
     try:
@@ -123,14 +127,14 @@ def test_nano_gguf_in_llama_cpp_matches_ossgpt(nano_gguf):
     assert text.endswith("348 + 275 = 623.")
 
 
-def test_chat_template_through_llama_cpp(nano_reader):
+def test_chat_template_through_llama_cpp(nano_reader, llama_cpp):
     """llama-cpp-python renders chats with the GGUF's template (today's date, its default
     medium effort): harmony's prompt, as ossgpt renders it."""
     import datetime
 
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
     from ossgpt.tokenizer import get_tokenizer
+
+    Jinja2ChatFormatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter
 
     template = nano_reader.fields["tokenizer.chat_template"].contents()
     formatter = Jinja2ChatFormatter(template, eos_token="<|return|>", bos_token="<|startoftext|>")
@@ -215,7 +219,7 @@ BIG = """
 
 
 @pytest.mark.slow
-def test_20b_dimension_gguf_in_llama_cpp(tmp_path):
+def test_20b_dimension_gguf_in_llama_cpp(tmp_path, llama_cpp):
     """gpt-oss-20b's dimensions (hidden 2880, 64 query and 8 KV heads, 32 experts of MXFP4 rows
     of 90 blocks, the full vocabulary), one layer: 2.8 GB, converted and run by llama.cpp."""
     if shutil.disk_usage(tmp_path).free < 8e9:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .. import mxfp4
 from .. import tokenizer as tok
 from ..checkpoint.formats import hf_table
+from ..checkpoint.hf_tokenizer import NAMED_SPECIAL, cached_tokenizer_json
 from ..checkpoint.tensors import Checkpoint
 from ..config import ModelConfig
 from ..errors import OssgptError
@@ -92,7 +93,6 @@ def tensor_plan(config: ModelConfig) -> list[tuple[str, str, str, int | None]]:
 def _add_metadata(writer: gguf.GGUFWriter, config: ModelConfig, name: str, packed: bool,
                   outtype: str) -> None:
     """The hyperparameters under llama.cpp's gpt-oss keys, the tokenizer, the chat template."""
-    from ..checkpoint.hf_tokenizer import cached_tokenizer_json
 
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
@@ -305,8 +305,6 @@ class GGUFModel:
         """Only o200k_harmony can be converted: ossgpt writes its own tokenizer.json."""
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         pre = _field(reader, "tokenizer.ggml.pre")
-        from ..checkpoint.hf_tokenizer import NAMED_SPECIAL
-
         ok = tokens is not None and pre == "gpt-4o" and len(tokens.data) == tok.VOCAB_SIZE and all(
             bytes(tokens.parts[tokens.data[i]]).decode() == text for i, text in NAMED_SPECIAL.items())
         if not ok:
