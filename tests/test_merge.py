@@ -116,6 +116,8 @@ parameters: {{lambda: 1.0}}
     tokens = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = hf(tokens).logits
+    print(f"ossgpt vs transformers on the merged checkpoint: max |difference| "
+          f"{(ours - theirs).abs().max().item():.2e} (logits up to {theirs.abs().max().item():.1f})")
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
