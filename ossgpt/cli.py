@@ -13,7 +13,9 @@ import typing
 
 from . import commands
 from .errors import OssgptError
+from .convert import commands as convert_commands
 from .inspect import commands as inspect_commands
+from .merge import commands as merge_commands
 
 COMMANDS = {
     "generate": commands.generate,
@@ -26,6 +28,8 @@ COMMANDS = {
     "finetune": commands.finetune,
     "bench": commands.bench,
     "merge-adapter": commands.merge_adapter,
+    "merge": merge_commands.merge,
+    "convert": convert_commands.convert,
     "inspect": {
         "router": inspect_commands.router,
         "lens": inspect_commands.lens,
@@ -54,16 +58,21 @@ def _add_options(parser: argparse.ArgumentParser, fn) -> None:
         kind = hints.get(name, str)
         if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        flag = "--" + name.replace("_", "-")
+        text = helps.get(name, "")
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:     # `ossgpt merge CONFIG ...`
+            parser.add_argument(name, type=kind, help=text, metavar=name.upper())
+            continue
+        # a trailing underscore frees a Python keyword: `from_` is --from
+        flag = "--" + name.rstrip("_").replace("_", "-")
         required = param.default is inspect.Parameter.empty
         default = None if required else param.default
-        text = helps.get(name, "")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=text, dest=name)
         else:
             suffix = "" if required or default is None else f" (default: {default})"
-            parser.add_argument(flag, type=kind, default=default, required=required,
-                                help=text + suffix, metavar=name.upper())
+            parser.add_argument(flag, type=kind, default=default, required=required, dest=name,
+                                help=text + suffix, metavar=name.rstrip("_").upper())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,9 +129,11 @@ def main(argv: list[str] | None = None) -> None:
         name = next(key for key in args if key.startswith(dest + "_"))
         dest = name
         fn = fn[args.pop(name)]
+    positional = [args.pop(name) for name, p in inspect.signature(fn).parameters.items()
+                  if p.kind is inspect.Parameter.POSITIONAL_ONLY]
     try:
         check_ranges(args)
-        fn(**args)
+        fn(*positional, **args)
     except KeyboardInterrupt:
         sys.exit(130)
     except OssgptError as e:

@@ -117,6 +117,23 @@ def decode_logits():
     return _decode_logits
 
 
+@pytest.fixture
+def cli_error(capsys):
+    """f(*argv) -> the one `error: ...` line that `ossgpt ARGV` fails with (exit status 1, no
+    traceback)."""
+    from ossgpt.cli import main
+
+    def run(*argv: str) -> str:
+        with pytest.raises(SystemExit) as info:
+            main(list(argv))
+        assert info.value.code == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+        return err
+
+    return run
+
+
 # -- a real server on a loopback port ------------------------------------------------------------
 
 def run_server(*args: str, timeout: float = 120.0):

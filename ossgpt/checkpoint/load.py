@@ -137,10 +137,13 @@ class TensorFiles:
         """The stored dtype, as safetensors names it ("BF16", "U8", ...)."""
         return self._handles[self.files[name]].get_slice(name).get_dtype()
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, index: int | slice | None = None) -> torch.Tensor:
+        """The tensor, or only its `index` along dim 0 (one expert, some rows: read alone)."""
         path = self.files[name]
         try:
-            return self._handles[path].get_tensor(name)
+            if index is None:
+                return self._handles[path].get_tensor(name)
+            return self._handles[path].get_slice(name)[index]
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: cannot read tensor {name}: {e}") from None
 
@@ -155,9 +158,10 @@ def _stored_shape(shape: tuple[int, ...], src: Source, fused_rows: dict[str, int
 _LOADABLE_DTYPES = {"U8", "BF16", "F16", "F32", "F64"}
 COMPACT_IDS = "vocab.ids"
 COMPACT_SHARED = "unembedding.shared"
+VOCAB_TABLES = ("embedding.weight", "unembedding.weight")
 
 
-def _expand_vocab(files: TensorFiles, table: dict[str, Source], config: ModelConfig):
+def expand_vocab(files: TensorFiles, table: dict[str, Source], config: ModelConfig):
     ids = files.get(COMPACT_IDS)
     emb, unemb = files.get(table["embedding.weight"].name), files.get(table["unembedding.weight"].name)
     shared = files.get(COMPACT_SHARED)
@@ -179,20 +183,18 @@ def is_packed(files: TensorFiles, fmt: str) -> bool:
     return any(n.endswith(formats.packed_marker(fmt)) for n in files.names())
 
 
-def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Transformer,
-                    dtype: torch.dtype, device: torch.device, progress: bool = True,
-                    pack: frozenset[str] = frozenset()) -> dict[str, torch.Tensor | packed_bf16.PackedBF16]:
-    """Every tensor of `model`'s state dict, read from `files`, shapes checked against the
-    config; strict both ways (a missing or an unexpected tensor is an error). Tensors named in
-    `pack` come back as PackedBF16 where packing pays."""
+def check_tensors(files: TensorFiles, fmt: str, config: ModelConfig,
+                  wanted: dict[str, torch.Tensor]) -> dict[str, Source]:
+    """Check `files` against the format's name table for a model whose state dict (real or
+    meta) is `wanted`: strict both ways (a missing or an unexpected tensor is an error), every
+    stored shape and dtype as config.json implies. -> the table."""
     directory = files.directory
     names = files.names()
     table = formats.table(fmt, config, is_packed(files, fmt))
-    wanted = model.state_dict()
     assert set(wanted) == set(table), "model and name table disagree"
 
     # A compact vocabulary (the bundled nano model): only the used ids' rows are stored, plus
-    # one row shared by every unused id (see compact_vocab.py); expanded here.
+    # one row shared by every unused id (see compact_vocab.py); expanded on reading.
     compact = COMPACT_IDS in names
     stored_names = {s.name for s in table.values()} | ({COMPACT_IDS, COMPACT_SHARED} if compact else set())
     missing = sorted(stored_names - names)
@@ -205,39 +207,47 @@ def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Tr
         raise CheckpointError(f"{directory}: unexpected tensor{'s' if len(unused) > 1 else ''} "
                               f"{', '.join(unused[:5])}{' …' if len(unused) > 5 else ''} "
                               f"(not part of a {config.num_hidden_layers}-layer gpt-oss {fmt} checkpoint)")
-    vocab_tables = _expand_vocab(files, table, config) if compact else {}
     fused_rows: dict[str, int] = {}
     for src in table.values():
         if src.rows is not None:
             fused_rows[src.name] = max(fused_rows.get(src.name, 0), src.rows[1])
+    for ours, src in table.items():
+        if compact and ours in VOCAB_TABLES:
+            continue    # checked against the ids when expanded
+        stored = _stored_shape(tuple(wanted[ours].shape), src, fused_rows)
+        if files.shape(src.name) != stored:
+            raise CheckpointError(f"{files.files[src.name]}: tensor {src.name} has shape "
+                                  f"{files.shape(src.name)}, expected {stored} from config.json")
+        packed_wanted, stored_dtype = wanted[ours].dtype == torch.uint8, files.dtype(src.name)
+        if packed_wanted != (stored_dtype == "U8") or stored_dtype not in _LOADABLE_DTYPES:
+            expected_dtype = "U8 (MXFP4)" if packed_wanted else "a float dtype"
+            raise CheckpointError(f"{files.files[src.name]}: tensor {src.name} has dtype "
+                                  f"{stored_dtype}, expected {expected_dtype}")
+    return table
 
+
+def read_tensor(files: TensorFiles, src: Source) -> torch.Tensor:
+    """A model tensor as the checkpoint stores it (its dtype), in the model's layout."""
+    t = files.get(src.name)
+    if src.rows is not None:
+        t = t[src.rows[0]:src.rows[1]]
+    return t.transpose(-1, -2) if src.transpose else t
+
+
+def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Transformer,
+                    dtype: torch.dtype, device: torch.device, progress: bool = True,
+                    pack: frozenset[str] = frozenset()) -> dict[str, torch.Tensor | packed_bf16.PackedBF16]:
+    """Every tensor of `model`'s state dict, read from `files`, checked by `check_tensors`.
+    Tensors named in `pack` come back as PackedBF16 where packing pays."""
+    table = check_tensors(files, fmt, config, model.state_dict())
+    vocab_tables = expand_vocab(files, table, config) if COMPACT_IDS in files.names() else {}
     experts_too = device.type == "cpu" and hugepages.move_experts(
         sum(p.stat().st_size for p in set(files.files.values())))
     state = {}
     huge_before, huge_wanted = hugepages.huge_bytes(), 0
     bar = tqdm(table.items(), desc="Loading", unit="tensor", disable=not progress, leave=False)
     for ours, src in bar:
-        expected = tuple(wanted[ours].shape)
-        if ours in vocab_tables:
-            t = vocab_tables[ours]
-        else:
-            stored = _stored_shape(expected, src, fused_rows)
-            if files.shape(src.name) != stored:
-                raise CheckpointError(f"{files.files[src.name]}: tensor {src.name} has shape "
-                                      f"{files.shape(src.name)}, expected {stored} from config.json")
-            packed_wanted, stored_dtype = wanted[ours].dtype == torch.uint8, files.dtype(src.name)
-            if packed_wanted != (stored_dtype == "U8") or stored_dtype not in _LOADABLE_DTYPES:
-                expected_dtype = "U8 (MXFP4)" if packed_wanted else "a float dtype"
-                raise CheckpointError(f"{files.files[src.name]}: tensor {src.name} has dtype "
-                                      f"{stored_dtype}, expected {expected_dtype}")
-            t = files.get(src.name)
-            if src.rows is not None:
-                t = t[src.rows[0]:src.rows[1]]
-            if src.transpose:
-                t = t.transpose(-1, -2)
-        if tuple(t.shape) != expected:
-            raise CheckpointError(f"{files.files[src.name]}: tensor {src.name} has shape "
-                                  f"{files.shape(src.name)}, which does not match config.json")
+        t = vocab_tables[ours] if ours in vocab_tables else read_tensor(files, src)
         stored = t
         if t.dtype != torch.uint8:
             t = t.to(torch.float32 if _keep_float32(ours) else dtype)

@@ -58,8 +58,10 @@ def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int,
     os.replace(tmp, path)
 
 
-def _checkpoint_specs(config: ModelConfig, fmt: str, packed: bool, dtype: torch.dtype):
-    """checkpoint name -> (dtype, shape), and -> the (model name, Source) parts it is made of."""
+def _checkpoint_specs(config: ModelConfig, fmt: str, packed: bool, dtype: torch.dtype,
+                      dtypes: dict[str, torch.dtype] | None = None):
+    """checkpoint name -> (dtype, shape), and -> the (model name, Source) parts it is made of.
+    `dtypes` (by model name) overrides the dtype a tensor is stored in."""
     with torch.device("meta"):
         meta = Transformer(config, packed).state_dict()
     shapes = {k: tuple(v.shape) for k, v in meta.items()}
@@ -77,6 +79,8 @@ def _checkpoint_specs(config: ModelConfig, fmt: str, packed: bool, dtype: torch.
             shape = (sum(shapes[o][0] for o, _ in members),) + shape[1:]
         if ours in uint8:
             t = torch.uint8
+        elif dtypes and ours in dtypes:
+            t = dtypes[ours]
         elif fmt == ORIGINAL and name.endswith("norm.scale"):
             t = torch.float32    # as OpenAI ships them
         else:
@@ -98,18 +102,20 @@ def _assemble(parts: list[tuple[str, formats.Source]], get: Callable[[str], torc
 def write_checkpoint(directory: str | os.PathLike, config: ModelConfig, get: Callable[[str], torch.Tensor],
                      fmt: str = ORIGINAL, packed: bool = True, dtype: torch.dtype = torch.bfloat16,
                      shard_bytes: int = 4 << 30, progress: bool = True,
-                     extra: dict[str, torch.Tensor] | None = None, stored_vocab_rows: int | None = None) -> Path:
+                     extra: dict[str, torch.Tensor] | None = None, stored_vocab_rows: int | None = None,
+                     dtypes: dict[str, torch.dtype] | None = None, desc: str | None = None) -> Path:
     """Write a checkpoint whose model tensors come from `get(model_name)`.
 
     `extra` tensors are stored as they are; `stored_vocab_rows` stores embedding tables of
-    that many rows (a compact vocabulary, see compact_vocab.py) under a full-vocabulary config."""
+    that many rows (a compact vocabulary, see compact_vocab.py) under a full-vocabulary config;
+    `dtypes` stores the tensors it names (by model name) in its dtype instead of `dtype`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shape_config = config if stored_vocab_rows is None else dataclasses.replace(config, vocab_size=stored_vocab_rows)
-    specs, parts = _checkpoint_specs(shape_config, fmt, packed, dtype)
+    specs, parts = _checkpoint_specs(shape_config, fmt, packed, dtype, dtypes)
     extra = extra or {}
     specs.update({k: (v.dtype, tuple(v.shape)) for k, v in extra.items()})
-    bar = tqdm(total=len(specs), desc=f"Writing {directory.name}", unit="tensor",
+    bar = tqdm(total=len(specs), desc=desc or f"Writing {directory.name}", unit="tensor",
                disable=not progress, leave=False)
     produce = lambda name: extra[name] if name in extra else _assemble(parts[name], get, specs[name][0])  # noqa: E731
     if fmt == ORIGINAL:
