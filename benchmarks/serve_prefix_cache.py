@@ -37,34 +37,32 @@ PARAGRAPH = ("Here is some more context about the trip we are planning: the trai
              "serves fish, is open late, and is not too expensive for four people. ")
 
 
-def stream(client: httpx.Client, body: dict, on_token=None) -> float:
-    """Stream one chat completion; -> seconds to its first token. `on_token(t)` at each chunk."""
+def stream(client: httpx.Client, path: str, body: dict, on_token=None) -> float:
+    """Stream one request; -> seconds until its end. `on_token(t)` at each chunk of text."""
     start = time.perf_counter()
-    first = None
-    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+    with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             raise SystemExit(f"request failed: {r.status_code} {r.read()[:300]!r}")
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            now = time.perf_counter()
-            delta = (json.loads(line[6:]).get("choices") or [{}])[0].get("delta") or {}
-            if not any(delta.get(k) for k in ("reasoning", "content", "tool_calls")):
-                continue                                   # the role chunk comes before any token
-            first = first or now
-            if on_token:
-                on_token(now)
-    return (first or time.perf_counter()) - start
+            choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+            if on_token and choice.get("text"):
+                on_token(time.perf_counter())
+    return time.perf_counter() - start
 
 
 def conversation_ttfts(url: str, model: str, turns: int) -> list[float]:
+    """Time to first token of each turn: requests of one token (so the measure holds for random
+    weights too, whose replies are not harmony and stream no text)."""
     messages = [{"role": "developer", "content": "You plan trips. Be brief."}]
     out = []
     with httpx.Client(base_url=url, timeout=None) as client:
         for turn in range(turns):
             messages.append({"role": "user", "content": f"Turn {turn + 1}. " + PARAGRAPH * 2})
-            out.append(stream(client, {"model": model, "messages": messages, "tools": DEMO_TOOLS,
-                                       "stream": True, "max_tokens": 2, "temperature": 0}))
+            out.append(stream(client, "/v1/chat/completions",
+                              {"model": model, "messages": messages, "tools": DEMO_TOOLS, "stream": True,
+                               "max_tokens": 1, "temperature": 0}))
             messages.append({"role": "assistant", "content": f"Noted, turn {turn + 1}."})
     return out
 
@@ -83,9 +81,9 @@ def longest_gap(url: str, model: str, prompt_tokens: int) -> dict:
                 if arrived.is_set() and last[0] is not None:
                     gaps[i].append(t - last[0])
                 last[0] = t
-            stream(client, {"model": model, "messages": [{"role": "user", "content": f"Count to {50 + i}."}],
-                            "stream": True, "max_tokens": 400, "temperature": 1, "seed": i,
-                            "stop": []}, tick)
+            # raw completions: every token streams text, whatever the weights
+            stream(client, "/v1/completions", {"model": model, "prompt": f"Once upon a time, {i}", "stream": True,
+                                               "max_tokens": 400, "temperature": 1, "seed": i}, tick)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
@@ -94,8 +92,8 @@ def longest_gap(url: str, model: str, prompt_tokens: int) -> dict:
     arrived.set()
     with httpx.Client(base_url=url, timeout=None) as client:
         words = " ".join(["word"] * prompt_tokens)
-        ttft = stream(client, {"model": model, "messages": [{"role": "user", "content": words}],
-                               "stream": True, "max_tokens": 1})
+        ttft = stream(client, "/v1/chat/completions", {"model": model, "stream": True, "max_tokens": 1,
+                                                      "messages": [{"role": "user", "content": words}]})
     window = [g for gs in gaps for g in gs]
     arrived.clear()
     for t in threads:
