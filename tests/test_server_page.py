@@ -150,6 +150,20 @@ def test_page_asks_for_the_api_key(browser, server: str) -> None:
         context.close()
 
 
+def test_page_without_a_key_on_the_server(browser, nano_server: str) -> None:
+    context, page = _open(browser, nano_server, None)
+    try:
+        page.wait_for_selector("body[data-state=idle]")
+        assert not page.is_visible("#key-dialog") and not page.is_visible("#key-button")
+        settings(page, temperature=0)
+        ask(page, "What is 12 + 30?")
+        wait_done(page)
+        assert "42" in page.inner_text(f"{LAST} .content")
+        assert page.errors == []
+    finally:
+        context.close()
+
+
 def test_page_streams_an_answer_and_opens_its_reasoning(page, api: openai.OpenAI) -> None:
     question = "What is the capital of Peru?"
     settings(page, temperature=0)
@@ -232,7 +246,7 @@ def test_page_runs_a_demo_tool_call(page) -> None:
 MARKDOWN = """## Markdown, rendered
 A list:
 - **bold** and *italic*, `inline code`
-- a [link](https://example.com/docs) and [another](javascript:alert(1))
+- a [link](https://example.com/docs), https://example.com/bare and [another](javascript:alert(1))
   1. nested
   2. ordered
 
@@ -270,7 +284,8 @@ def test_page_keeps_conversations_and_renders_markdown(page) -> None:
     assert md.locator("h2").inner_text() == "Markdown, rendered"
     assert md.locator("ul > li").count() == 2 and md.locator("ul ol > li").count() == 2
     assert md.locator("strong").inner_text() == "bold" and md.locator("em").inner_text() == "italic"
-    assert md.locator("a").evaluate_all("as => as.map(a => a.href)") == ["https://example.com/docs"]
+    assert md.locator("a").evaluate_all("as => as.map(a => a.href)") == [
+        "https://example.com/docs", "https://example.com/bare"]
     assert "[another](javascript:alert(1))" in md.inner_text()
     assert md.locator("tbody tr").count() == 2
     assert md.locator("td").nth(1).evaluate("td => td.style.textAlign") == "right"
@@ -281,6 +296,8 @@ def test_page_keeps_conversations_and_renders_markdown(page) -> None:
     assert page.evaluate("window.injected") is None
     page.click(f"{LAST} .reasoning summary")
     shot(page, "markdown")
+    page.emulate_media(color_scheme="dark")
+    shot(page, "markdown-dark")
     # New chat, then deleting a conversation.
     page.click("#new-chat")
     assert page.locator("#messages .msg").count() == 0

@@ -194,6 +194,7 @@ function fill(node, m) {
     }
     if (m.content) part(node, "div", "content").replaceChildren(window.renderMarkdown(m.content));
     if (m.stopped) part(node, "div", "note").textContent = "Stopped.";
+    if (m.finish_reason === "length") part(node, "div", "note").textContent = "Cut short: the context is full.";
     if (m.error) part(node, "div", "error").textContent = m.error;
   }
 }

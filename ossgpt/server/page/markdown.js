@@ -15,9 +15,11 @@
   const QUOTE = /^\s*>/;
   const LIST = /^(\s*)([-*+]|\d{1,9}[.)])\s+(.*)$/;
   const TABLE_RULE = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
-  // code | **bold** | __bold__ | *italic* | _italic_ | ~~struck~~ | [label](url) | bare url
+  // code | ***both*** | **bold** | __bold__ | *italic* | _italic_ | ~~struck~~ | [label](url) |
+  // bare url
   const INLINE = new RegExp([
     /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/.source,
+    /\*\*\*(?=\S)([\s\S]*?\S)\*\*\*/.source,
     /\*\*(?=\S)([\s\S]*?\S)\*\*/.source,
     /(?<!\w)__(?=\S)([\s\S]*?\S)__(?!\w)/.source,
     /\*(?=[^\s*])([\s\S]*?[^\s*])\*/.source,
@@ -177,13 +179,13 @@
     return wrap;
   }
 
-  function link(label, href) {
+  function link(href, label) {
     if (!/^https?:\/\//i.test(href)) return null;  // no javascript:, data:, relative urls
-    const a = el("a");
+    const a = el("a", label === undefined ? href : undefined);
     a.href = href;
     a.target = "_blank";
     a.rel = "noopener noreferrer nofollow";
-    return inline(a, label);
+    return label === undefined ? a : inline(a, label);
   }
 
   function inline(parent, text) {
@@ -192,11 +194,15 @@
       if (m.index) parent.append(text.slice(0, m.index));
       let node;
       if (m[1]) node = el("code", m[2]);
-      else if (m[3] || m[4]) node = inline(el("strong"), m[3] || m[4]);
-      else if (m[5] || m[6]) node = inline(el("em"), m[5] || m[6]);
-      else if (m[7]) node = inline(el("del"), m[7]);
-      else if (m[8]) node = link(m[8], m[9]);
-      else node = link(m[10], m[10]);
+      else if (m[3]) {
+        node = el("strong");
+        node.append(inline(el("em"), m[3]));
+      }
+      else if (m[4] || m[5]) node = inline(el("strong"), m[4] || m[5]);
+      else if (m[6] || m[7]) node = inline(el("em"), m[6] || m[7]);
+      else if (m[8]) node = inline(el("del"), m[8]);
+      else if (m[9]) node = link(m[10], m[9]);
+      else node = link(m[11]);
       parent.append(node || m[0]);
       text = text.slice(m.index + m[0].length);
     }
