@@ -1,7 +1,7 @@
 """The chat page `ossgpt serve` shows at /, in a real browser: Debian's Chromium driven by
 Playwright, against a real server of nano on a loopback port started with --api-key, so the page
-has to ask for the key. Each test saves screenshots in tests/artifacts/page/ for a person to
-look at."""
+has to ask for the key (and once against the suite's shared server, which has none). The tests
+save screenshots in tests/artifacts/page/ for a person to look at."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def test_page_stops_a_generation_midway(page, server: str, api: openai.OpenAI) -
     question = "What is 348 + 275?"
     settings(page, temperature=0)
     full = api.chat.completions.create(model="nano", temperature=0,
-                                          messages=[{"role": "user", "content": question}])
+                                       messages=[{"role": "user", "content": question}])
     before = generated_tokens(server)
     ask(page, question)
     page.wait_for_selector(f"{LAST} .reasoning .text", state="attached")   # the first words

@@ -235,8 +235,8 @@ function append(m) {
 
 // -- generating ------------------------------------------------------------------------------
 
-// A stored message as the API takes it. Replies that failed or were stopped before any text
-// are left out: there is nothing in them for the model to read.
+// A stored message as the API takes it. Replies that failed or were stopped before an answer
+// or a call are left out: the model would read nothing in them (earlier reasoning is dropped).
 function forAPI(m) {
   if (m.role === "user") return {role: "user", content: m.content};
   if (m.role === "tool") return {role: "tool", tool_call_id: m.tool_call_id, content: m.content};
