@@ -315,7 +315,7 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
     model: checkpoint directory, hub id, or "nano" (the bundled demo model)
     host: interface to listen on
     port: TCP port
-    api_key: require "Authorization: Bearer KEY" on every route but /health
+    api_key: require "Authorization: Bearer KEY" on every route but /health and the chat page (which asks for the key)
     max_batch: most requests decoded together
     max_model_len: context limit per request (prompt + output tokens)
     max_queue: requests waiting beyond the batch before new ones get 503

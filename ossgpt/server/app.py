@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from . import chat_completions, completions
+from . import chat_completions, completions, page
 from .engine import Engine
 from .generation import Limits
 from .metrics import Metrics
@@ -119,7 +119,7 @@ def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
         path = request.url.path
         status = 500
         try:
-            if api_key and path != "/health":
+            if api_key and path != "/health" and not page.is_public(path):
                 auth = request.headers.get("authorization", "")
                 if not hmac.compare_digest(auth.encode(), f"Bearer {api_key}".encode()):
                     status = 401
@@ -222,6 +222,7 @@ def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
     async def delete_response(response_id: str):
         return stored.delete(response_id)
 
+    page.add_routes(app)
     return app
 
 
