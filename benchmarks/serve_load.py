@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--malformed", type=float, default=0.2)
+    p.add_argument("--rounds", type=int, default=2, help="the same load again: memory that grows each round leaks")
     args = p.parse_args(argv)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         watcher = threading.Thread(target=watch)
         watcher.start()
         results = collections.Counter()
-        t0 = time.perf_counter()
+        seconds, after_rounds = [], []
         with httpx.Client(base_url=url, timeout=None, limits=httpx.Limits(max_connections=args.clients)) as client:
             def run(job):
                 bad, path, body = job
@@ -137,9 +138,13 @@ def main(argv: list[str] | None = None) -> None:
                 if bad:
                     return "malformed: 4xx, OpenAI shape" if 400 <= status < 500 and shaped else f"malformed: {status}"
                 return "well-formed: 200" if status == 200 else f"well-formed: {status}"
-            with ThreadPoolExecutor(args.clients) as pool:
-                results.update(pool.map(run, jobs))
-        seconds = time.perf_counter() - t0
+            for _ in range(args.rounds):
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(args.clients) as pool:
+                    results.update(pool.map(run, jobs))
+                seconds.append(time.perf_counter() - t0)
+                time.sleep(2)
+                after_rounds.append(rss_mib(server.pid))
         stop.set()
         watcher.join()
         time.sleep(2)
@@ -148,13 +153,15 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         server.terminate()
         server.wait(30)
-    out = {"model": args.model, "requests": args.requests, "clients": args.clients, "seconds": seconds,
-           "results": dict(results), "rss_mib": {"after_warm_up": start_rss, "peak": peak[0], "after": end_rss},
+    out = {"model": args.model, "requests": args.requests, "clients": args.clients, "rounds": args.rounds,
+           "seconds": seconds, "results": dict(results),
+           "rss_mib": {"after_warm_up": start_rss, "peak": peak[0], "after_each_round": after_rounds, "after": end_rss},
            "health_after": health}
     for k, v in sorted(results.items()):
         print(f"{k:<34}{v:>6}")
-    print(f"{args.requests} requests in {seconds:.1f} s from {args.clients} clients; server RSS "
-          f"{start_rss:.0f} MiB after warm-up, {peak[0]:.0f} peak, {end_rss:.0f} after "
+    print(f"{args.rounds} x {args.requests} requests in {' + '.join(f'{x:.1f}' for x in seconds)} s from "
+          f"{args.clients} clients; server RSS {start_rss:.0f} MiB after warm-up, {peak[0]:.0f} peak, after each "
+          f"round {', '.join(f'{x:.0f}' for x in after_rounds)} "
           f"(prefix cache {health['prefix_cache_bytes'] / 2**20:.1f} MiB, active {health['active']}, "
           f"waiting {health['waiting']})")
     name = Path(args.model).name if args.model != "nano" else "nano"
