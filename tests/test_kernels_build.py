@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -111,3 +112,31 @@ def test_disabled_by_environment():
     out = _run("from ossgpt import kernels; print(kernels.cpu_kernels() is None, kernels.isa())",
                OSSGPT_KERNELS="0")
     assert out.stdout.split() == ["True", "plain"]
+
+
+def test_sources_are_compiled_from_a_copy_in_the_build_folder(tmp_path, monkeypatch):
+    """One path for every checkout and environment of the same sources: none recompiles
+    because another built from elsewhere."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    paths = build.staged_sources("avx2")
+    assert [p.name for p in paths] == list(build.SOURCES)
+    src = paths[0].parent
+    assert src.parent == build.build_directory("avx2") and tmp_path in src.parents
+    originals = {p.name: p.read_bytes() for p in build.CPU_DIR.iterdir() if p.suffix in (".cpp", ".h")}
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == originals      # headers too, no temp files
+    stamps = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
+    build.staged_sources("avx2")
+    assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == stamps    # unchanged: not rewritten
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = build.build_directory("avx2") / "lock"
+    lock.touch()
+    build.clear_stale_lock("avx2")
+    assert lock.exists() and capsys.readouterr().err == ""                   # a build in progress
+    old = time.time() - build.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    build.clear_stale_lock("avx2")
+    assert not lock.exists()
+    assert "removing a stale build lock" in capsys.readouterr().err

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -142,6 +143,41 @@ def build_directory(level: str) -> Path:
     return Path(_get_build_directory(extension_name(level), verbose=False))
 
 
+STALE_LOCK_SECONDS = 600    # a build takes about a minute; an older lock's builder was killed
+
+
+def staged_sources(level: str) -> list[Path]:
+    """The sources copied into the build's own folder, and the paths to compile.
+
+    Why: torch's builder records the sources' absolute paths, so two checkouts or virtual
+    environments of the same version (same digest, same build folder) would each find the
+    other's paths and recompile. Copies in the build folder have one path for all of them."""
+    src = build_directory(level) / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for p in CPU_DIR.iterdir():
+        if p.suffix in (".cpp", ".h"):
+            target = src / p.name
+            data = p.read_bytes()
+            if not target.is_file() or target.read_bytes() != data:
+                tmp = target.with_name(f".{p.name}.{os.getpid()}")
+                tmp.write_bytes(data)
+                os.replace(tmp, target)          # whole or not at all, under concurrent builders
+    return [src / s for s in SOURCES]
+
+
+def clear_stale_lock(level: str) -> None:
+    """torch's builder waits, forever and silently, while its lock file exists; a builder killed
+    mid-build (SIGKILL, a closed terminal) leaves it behind. Remove one older than any build."""
+    lock = build_directory(level) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        print(f"ossgpt: removing a stale build lock ({lock}, {age / 60:.0f} minutes old)", file=sys.stderr, flush=True)
+        lock.unlink(missing_ok=True)
+
+
 def is_built(level: str) -> bool:
     name = extension_name(level)
     return any((build_directory(level) / f"{name}{suffix}").is_file() for suffix in (".so", ".pyd"))
@@ -180,7 +216,8 @@ def build(level: str) -> ModuleType | None:
             if not is_built(level):
                 print(f"ossgpt: compiling CPU kernels for {level}, once (about a minute; cached in "
                       f"{build_directory(level).parent})", file=sys.stderr, flush=True)
-            module = load(name=extension_name(level), sources=[str(CPU_DIR / s) for s in SOURCES],
+            clear_stale_lock(level)
+            module = load(name=extension_name(level), sources=[str(p) for p in staged_sources(level)],
                           extra_cflags=_cflags(level), extra_ldflags=[] if sys.platform == "darwin" else ["-fopenmp"],
                           verbose=False)
             if module.level() != level:    # the compiler ignored the level's flags
