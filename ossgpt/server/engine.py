@@ -131,7 +131,7 @@ class Engine:
     def stats(self) -> dict:
         batches = list(self._batches.values())
         return {"active": sum(len(b.active) for b in batches), "waiting": len(self._waiting),
-                "prefilling": sum(len(b.prefilling) for b in batches),
+                "prefilling": sum(len(b.prefilling_seqs) for b in batches),
                 "cache_bytes": sum(b.cache.nbytes for b in batches if b.cache is not None),
                 "prefix_cache_bytes": sum(p.nbytes for p in list(self._prefixes.values()) if p is not None)}
 
@@ -208,12 +208,16 @@ class _Batch:
         self.positions: torch.Tensor | None = None
 
     @property
+    def prefilling_seqs(self) -> list[Sequence]:
+        return [s for p in self.prefilling for s in p.seqs]
+
+    @property
     def rows(self) -> int:
         """Requests decoding or being prefilled: what counts against --max-batch."""
-        return len(self.active) + sum(len(p.seqs) for p in self.prefilling)
+        return len(self.active) + len(self.prefilling_seqs)
 
     def fail(self, message: str) -> None:
-        for seq in self.active + [s for p in self.prefilling for s in p.seqs]:
+        for seq in self.active + self.prefilling_seqs:
             seq.error = message
             seq.emit(None)
         self.active, self.cache, self.logits, self.positions = [], None, None, None
@@ -226,7 +230,7 @@ class _Batch:
             self._prefill_chunk()
         except Exception as e:   # the requests not yet decoding fail; the batch goes on
             decoding = {id(s) for s in self.active}
-            pending = {id(s): s for s in joining + [s for p in self.prefilling for s in p.seqs]}
+            pending = {id(s): s for s in joining + self.prefilling_seqs}
             for key, seq in pending.items():
                 if key not in decoding:
                     seq.error = f"generation failed: {e}"
