@@ -365,12 +365,13 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
 
 def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: int = 8,
              lora_alpha: float = 16.0, target: str = "attention,experts", steps: int | None = None,
-             epochs: float = 1.0, lr: float | None = None, batch_tokens: int = 4096,
+             epochs: float | None = None, lr: float | None = None, batch_tokens: int = 4096,
              output: str = "checkpoints/finetune", resume: bool = False, val_split: float = 0.1,
              strict: bool = False, grad_checkpointing: bool = False, dtype: str = "float32",
-             micro_batch_tokens: int = 4096, seed: int = 0) -> None:
+             micro_batch_tokens: int = 4096, trainable_tokens: str = "auto", seed: int = 0) -> None:
     """Fine-tune on chat data (JSONL of OpenAI-style messages) with LoRA or fully; loss on the
-    assistant's tokens. Writes a PEFT adapter (lora) or a checkpoint (full) under OUTPUT.
+    assistant's tokens. Writes a PEFT adapter (lora) or a checkpoint (full) under OUTPUT, with
+    metrics.json and curve.png (the losses and the held-out task accuracy by step).
 
     data: JSONL file (one {"messages": [...], "tools"?: [...]} per line) or a hub dataset name
     model: base checkpoint directory, hub id, or "nano"
@@ -378,23 +379,24 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
     lora_rank: adapter rank
     lora_alpha: adapter scale numerator (scale = alpha / rank)
     target: comma-separated LoRA targets among attention, experts, router
-    steps: optimizer steps (default: EPOCHS passes over the training data)
-    epochs: passes over the data when --steps is not given
-    lr: peak learning rate (default 1e-3 for lora, 1e-4 for full)
+    steps: optimizer steps (default: from the data's size, see --epochs)
+    epochs: passes over the data (default: 3, raised to reach 100 steps, at most 10 passes)
+    lr: peak learning rate (default 2e-3 for lora, 1e-4 for full)
     batch_tokens: tokens per optimizer step
-    output: run directory (checkpoints, adapter or model, metrics.json)
+    output: run directory (checkpoints, adapter or model, metrics.json, curve.png)
     resume: continue the run in OUTPUT (after an interruption or kill)
-    val_split: share of conversations held out for validation loss and answer accuracy
+    val_split: share of conversations held out for validation loss and task accuracy
     strict: stop at the first malformed data line instead of skipping it
     grad_checkpointing: recompute activations in the backward pass (less memory)
     dtype: float32 or bfloat16 weights while training
     micro_batch_tokens: padded tokens per forward pass (gradients accumulate over a step)
+    trainable_tokens: auto (the data's tokens without a trained embedding or unembedding row of
+        their own get one, with lora), none, or comma-separated token ids
     seed: data order and adapter initialisation
 
     Under torchrun (several processes, torch.distributed), each process takes a share of
     every step's micro-batches and gradients are summed: the same steps as one process."""
     import json
-    import math
     import os
     import time
     from pathlib import Path
@@ -404,7 +406,9 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
     from . import finetune as ft
     from .lora import LoraConfig, add_lora, save_adapter
     from .model import unpack_experts
+    from .train.curve import plot_history
     from .train.trainer import TrainConfig
+    from .trainable_tokens import add_trainable_tokens
 
     if method not in ("lora", "full"):
         raise OssgptError(f"--method must be lora or full, got {method!r}")
@@ -417,25 +421,32 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
     rank = dist.get_rank() if dist.is_initialized() else 0
+    say = (lambda text: print(text, file=sys.stderr)) if rank == 0 else (lambda text: None)
     chats, problems = ft.read_chats(data, strict=strict)
-    for p in problems[:10] if rank == 0 else []:
-        print(f"skipped {p}", file=sys.stderr)
-    if len(problems) > 10 and rank == 0:
-        print(f"... and {len(problems) - 10} more malformed lines skipped", file=sys.stderr)
+    for p in problems[:10]:
+        say(f"skipped {p}")
+    if len(problems) > 10:
+        say(f"... and {len(problems) - 10} more malformed lines skipped")
     train, val = ft.split(chats, val_split, seed)
     net = _load(model, "cpu", dtype, pack_dense=False)
     torch.manual_seed(seed)
+    token_ids = ft.token_choice(trainable_tokens, net, chats, method)
     if method == "lora":
         lora_cfg = LoraConfig(rank=lora_rank, alpha=lora_alpha,
                               targets=tuple(t.strip() for t in target.split(",") if t.strip()))
         add_lora(net, lora_cfg)
+        if token_ids:
+            add_trainable_tokens(net, token_ids)
+            say(f"{len(token_ids)} tokens of the data have no trained row of their own in "
+                f"{model}: their embedding and unembedding rows train too")
     else:
         unpack_experts(net)
         net.requires_grad_(True)
     per_step = ft.batch_source(train, batch_tokens, seed).per_step
-    steps = steps or max(1, math.ceil(epochs * len(train) / per_step))
-    cfg = TrainConfig(steps=steps, lr=lr or (1e-3 if method == "lora" else 1e-4), seed=seed,
-                      warmup_steps=max(1, min(50, steps // 10)), weight_decay=0.0,
+    steps = steps or ft.default_steps(len(train), per_step, epochs)
+    say(f"{steps} steps: {steps * per_step / len(train):.1f} passes over the training data")
+    cfg = TrainConfig(steps=steps, lr=lr or (ft.LORA_LR if method == "lora" else ft.FULL_LR),
+                      seed=seed, warmup_steps=max(1, min(50, steps // 10)), weight_decay=0.0,
                       eval_every=max(1, steps // 10), save_every=max(1, min(50, steps // 10)))
     t0 = time.time()
     history = ft.run(net, train, val, cfg, out, batch_tokens, grad_checkpointing,
@@ -444,20 +455,30 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
     if rank != 0:
         dist.destroy_process_group()
         return
-    accuracy = ft.answer_accuracy(net, val) if val else float("nan")
     if method == "lora":
         target_dir = save_adapter(net, lora_cfg, out / "adapter", base_model=model)
     else:
         from .checkpoint import save
         target_dir = save(net, out / "model", progress=False)
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    metrics = {"steps": steps, "seconds": round(seconds, 1), "train_conversations": len(train),
-               "val_conversations": len(val), "skipped_lines": len(problems),
+    evals = [h for h in history if "eval_loss" in h]
+    last = evals[-1] if evals else {}
+    metric = next((k for k in last if k.endswith("_accuracy")), None)
+    metrics = {"steps": steps, "lr": cfg.lr, "seconds": round(seconds, 1),
+               "train_conversations": len(train), "val_conversations": len(val),
+               "skipped_lines": len(problems), "trainable_tokens": len(token_ids),
                "final_loss": history[-1]["loss"] if history else None,
-               "val_loss": evals[-1] if evals else None, "val_answer_accuracy": accuracy}
+               "val_loss": last.get("eval_loss"),
+               **({metric: last[metric], "task_prompts": min(len(val), 64)} if metric else {})}
+    if metric and evals[0]["step"] == 0 and metric in evals[0]:
+        metrics[f"base_{metric}"] = evals[0][metric]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"trained {steps} steps in {seconds:.0f} s; validation loss {metrics['val_loss']}, "
-          f"answer accuracy {accuracy:.1%}; wrote {target_dir}")
+    if evals:
+        plot_history(history, out / "curve.png", f"ossgpt finetune {Path(data).name} ({model}, {method})")
+    shown = f", {metric.replace('_', ' ')} {last[metric]:.1%}" if metric else ""
+    print(f"trained {steps} steps in {seconds:.0f} s; validation loss {metrics['val_loss']}"
+          f"{shown}; wrote {target_dir}")
+    for warning in ft.warnings_for(history, metric):
+        print(f"warning: {warning}", file=sys.stderr)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -64,3 +64,63 @@ class CompactVocab:
         full_unemb = shared[None].expand(self.vocab_size, C).clone()
         full_unemb[self.ids] = unembedding
         return full_emb, full_unemb
+
+
+def group_rows(weight: torch.Tensor, exclude: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the ids of a table (V, C) by identical rows, leaving out `exclude`; -> (group of
+    each id (V,), -1 for excluded ids; ids sharing each group (G,); one member id of each (G,)).
+    Rows are keyed by a float64 random projection, then each id is checked against its group's
+    first member, so the grouping is exact."""
+    w = weight.detach()
+    probe = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # In slices: a 201,088 x 2,880 table in float64 at once would be 4.6 GB.
+    keys = torch.cat([w[i:i + 4096].double() @ probe for i in range(0, len(w), 4096)])
+    kept = torch.ones(len(w), dtype=torch.bool)
+    if exclude is not None:
+        kept[exclude] = False
+    kept_ids = kept.nonzero()[:, 0]
+    _, inverse = torch.unique(keys[kept_ids], return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(w), dtype=torch.long).scatter_reduce(
+        0, inverse, kept_ids, "amin")
+    equal = torch.cat([(w[kept_ids[i:i + 4096]] == w[first[inverse[i:i + 4096]]]).all(dim=1)
+                       for i in range(0, len(kept_ids), 4096)])
+    if not bool(equal.all()):  # a projection collision of unequal rows: give them groups of their own
+        extra = (~equal).nonzero()[:, 0]
+        inverse[extra] = len(first) + torch.arange(len(extra))
+        first = torch.cat([first, kept_ids[extra]])
+    group = torch.full((len(w),), -1, dtype=torch.long)
+    group[kept_ids] = inverse
+    counts = torch.bincount(inverse, minlength=len(first))
+    return group, counts, first
+
+
+class DistinctRowsLoss:
+    """Exact cross-entropy over the full vocabulary for a frozen unembedding with many identical
+    rows (nano's untrained ids all share one): log Z sums each distinct row once, weighted by how
+    many ids share it, as `CompactVocab.log_partition` does. Rows being trained (trainable tokens)
+    are kept apart and passed to `loss`."""
+
+    def __init__(self, weight: torch.Tensor, trained_ids: torch.Tensor | None = None) -> None:
+        self.group, counts, first = group_rows(weight, trained_ids)
+        self.rows = weight.detach()[first]
+        self.log_counts = counts.double().log().float()
+        self.vocab_size = len(weight)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def loss_sum(self, h: torch.Tensor, targets: torch.Tensor, trained_rows: torch.Tensor | None = None,
+                 trained_slot: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed cross-entropy of h (N, C) against full-vocabulary targets (N,)."""
+        logits = F.linear(h, self.rows.to(h.dtype)).float()
+        parts = [logits + self.log_counts]
+        g = self.group[targets]
+        target_logit = logits.gather(-1, g.clamp(min=0)[:, None])[:, 0]
+        if trained_rows is not None:
+            own = F.linear(h, trained_rows.to(h.dtype)).float()
+            parts.append(own)
+            s = trained_slot[targets]
+            target_logit = torch.where(s >= 0, own.gather(-1, s.clamp(min=0)[:, None])[:, 0],
+                                       target_logit)
+        return (torch.logsumexp(torch.cat(parts, dim=-1), dim=-1) - target_logit).sum()

@@ -21,11 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .compact_vocab import DistinctRowsLoss
 from .data import Example, prompt_tokens, render_example
+from .data.examples import json_object, same_value
 from .errors import OssgptError
 from .harmony import REASONING_KEYS
 from .model import Transformer
 from .train.trainer import Batch, TrainConfig, Trainer
+from .trainable_tokens import TrainableRows
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -168,22 +171,96 @@ def batch_source(chats: list[Chat], batch_tokens: int, seed: int, micro_tokens: 
     return get
 
 
+# -- defaults ------------------------------------------------------------------------------------
+
+# Measured (benchmarks/finetune_defaults.py): LoRA peak learning rates on nano and on a 20b-dim
+# random checkpoint; full fine-tuning's is the usual one.
+LORA_LR = 2e-3
+FULL_LR = 1e-4
+
+
+def default_steps(n_train: int, per_step: int, epochs: float | None = None) -> int:
+    """Steps for `epochs` passes over the data; without `epochs`, 3 passes (as TRL's SFT), raised
+    to 100 steps where the data is small, but never past 10 passes (memorising, not learning)."""
+    steps_per_pass = n_train / per_step
+    if epochs is not None:
+        return max(1, math.ceil(epochs * steps_per_pass))
+    return max(1, math.ceil(max(3 * steps_per_pass, min(100, 10 * steps_per_pass))))
+
+
+def token_choice(choice: str, model: Transformer, chats: list[Chat], method: str) -> list[int]:
+    """--trainable-tokens: "auto" (LoRA only: the data's tokens without a row of their own),
+    "none", or comma-separated ids."""
+    from .trainable_tokens import untrained_ids
+
+    if choice == "none":
+        return []
+    if choice == "auto":
+        if method != "lora":    # full fine-tuning trains every row already
+            return []
+        return untrained_ids(model, {t for c in chats for t in c.tokens})
+    try:
+        ids = sorted({int(x) for x in choice.split(",") if x.strip()})
+    except ValueError:
+        raise OssgptError(f"--trainable-tokens must be auto, none or token ids, got {choice!r}") from None
+    if method != "lora" or any(not 0 <= i < model.config.vocab_size for i in ids):
+        raise OssgptError(f"--trainable-tokens ids must be in [0, {model.config.vocab_size}) "
+                          f"and need --method lora")
+    return ids
+
+
+def warnings_for(history: list[dict], metric: str | None) -> list[str]:
+    """What a user should hear at the end of a run that has not learned what it could."""
+    out = []
+    evals = [h for h in history if "eval_loss" in h]
+    if len(evals) >= 3:
+        a, b = evals[-2]["eval_loss"], evals[-1]["eval_loss"]
+        if b < a * 0.9:
+            out.append(f"validation loss was still falling fast at the end ({a:.3f} -> {b:.3f} "
+                       f"over the last {evals[-1]['step'] - evals[-2]['step']} steps): more "
+                       f"--steps would likely help")
+    if metric and evals and evals[-1].get(metric) == 0:
+        out.append(f"{metric.replace('_', ' ')} is 0% on the held-out conversations: the model "
+                   f"has not learned the task (more --steps, a higher --lr, or more data)")
+    return out
+
+
 # -- the model -----------------------------------------------------------------------------------
 
-def chunked_loss(model: Transformer, batch: Batch, chunk: int = 256) -> torch.Tensor:
+def chunked_loss(model: Transformer, batch: Batch, chunk: int = 256,
+                 distinct: DistinctRowsLoss | None = None) -> torch.Tensor:
     """Mean cross-entropy over the masked targets, over the full vocabulary. The logits are made
     `chunk` rows at a time and recomputed in the backward pass (201,088 float32 logits per
-    token would otherwise dominate memory)."""
+    token would otherwise dominate memory). With `distinct` (a frozen unembedding whose rows
+    repeat, as nano's do), only its distinct rows are multiplied: the same loss, far cheaper."""
     h = model.hidden_states(batch.tokens, positions=batch.positions)[batch.mask]
     targets = batch.targets[batch.mask]
-    weight = model.unembedding.weight
+    table = model.unembedding
 
-    def piece(h_part: torch.Tensor, t_part: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(F.linear(h_part, weight).float(), t_part, reduction="sum")
+    if distinct is not None:
+        rows = table.rows if isinstance(table, TrainableRows) else None
+        slot = table.slot if rows is not None else None
+
+        def piece(h_part: torch.Tensor, t_part: torch.Tensor) -> torch.Tensor:
+            return distinct.loss_sum(h_part, t_part, rows, slot)
+    else:
+        def piece(h_part: torch.Tensor, t_part: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(table(h_part).float(), t_part, reduction="sum")
 
     total = sum(checkpoint(piece, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
                 for i in range(0, len(h), chunk))
     return total / max(1, len(h))
+
+
+def distinct_rows(model: Transformer) -> DistinctRowsLoss | None:
+    """The cheaper exact loss's table, where the unembedding is frozen and under half its rows
+    are distinct (nano: 1,829 of 201,088); else None."""
+    table = model.unembedding
+    base = table.base if isinstance(table, TrainableRows) else table
+    if base.weight.requires_grad:
+        return None
+    distinct = DistinctRowsLoss(base.weight, table.ids if isinstance(table, TrainableRows) else None)
+    return distinct if len(distinct) < base.weight.shape[0] // 2 else None
 
 
 def checkpoint_blocks(model: Transformer) -> None:
@@ -195,21 +272,42 @@ def checkpoint_blocks(model: Transformer) -> None:
 
 # -- evaluation ----------------------------------------------------------------------------------
 
-def _json_or_text(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+def _matches(reply, want: dict, offered: set[str]) -> bool:
+    """Whether a parsed reply does what the reference turn `want` does: the same function
+    calls, each to an offered tool, with arguments that parse to the reference's JSON object
+    (strings up to case and spaces, numbers within 1e-6, as the nano evaluation scores); or,
+    with no calls, the same final answer."""
+    want_calls = [(c["function"]["name"], json_object(c["function"]["arguments"]))
+                  for c in want.get("tool_calls") or []]
+    if not want_calls:
+        return not reply.tool_calls and reply.content.strip() == (want.get("content") or "").strip()
+    got = [(c.name, json_object(c.arguments)) for c in reply.tool_calls]
+    return len(got) == len(want_calls) and all(
+        name == w_name and name in offered and args is not None and args.keys() == w_args.keys()
+        and all(same_value(args[k], v) for k, v in w_args.items())
+        for (name, args), (w_name, w_args) in zip(got, want_calls))
 
 
-def answer_accuracy(model: Transformer, chats: list[Chat], max_tokens: int = 256,
-                    batch_size: int = 16) -> float:
-    """Task metric: greedy replies whose final answer (or tool call) equals the reference's."""
+def task_metric_name(chats: list[Chat]) -> str:
+    """"tool_calls" when most references call a tool, else "answers"."""
+    calls = sum(bool(_reference(c).get("tool_calls")) for c in chats)
+    return "tool_calls" if calls * 2 > len(chats) else "answers"
+
+
+def _reference(chat: Chat) -> dict:
     from .data.examples import trained_turns
+    start, end = trained_turns(chat.example.messages)[0]
+    return chat.example.messages[start:end][-1]
+
+
+def task_accuracy(model: Transformer, chats: list[Chat], max_tokens: int = 192,
+                  batch_size: int = 16) -> float:
+    """Share of prompts whose greedy first reply matches the reference turn's (`_matches`)."""
     from .generate import generate
     from .harmony import parse_reply, stop_tokens
     from .sampling import SamplingParams
 
+    was_training = model.training
     model.eval()
     right = 0
     for i in range(0, len(chats), batch_size):
@@ -219,30 +317,29 @@ def answer_accuracy(model: Transformer, chats: list[Chat], max_tokens: int = 256
                            SamplingParams(temperature=0), stop_tokens()):
             replies[ev.row].append(ev.token)
         for c, tokens in zip(part, replies):
-            reply = parse_reply(tokens)
-            start, end = trained_turns(c.example.messages)[0]
-            want = c.example.messages[start:end][-1]
-            calls = [(x["function"]["name"], _json_or_text(x["function"]["arguments"]))
-                     for x in want.get("tool_calls") or []]
-            if calls:
-                right += [(x.name, _json_or_text(x.arguments)) for x in reply.tool_calls] == calls
-            else:
-                right += reply.content.strip() == (want.get("content") or "").strip()
-    model.train()
+            offered = {(t.get("function") or t).get("name") for t in c.example.tools or []}
+            right += _matches(parse_reply(tokens), _reference(c), offered)
+    model.train(was_training)
     return right / max(1, len(chats))
 
 
 def run(model: Transformer, train: list[Chat], val: list[Chat], cfg: TrainConfig,
         out_dir: str | Path, batch_tokens: int = 4096, grad_checkpointing: bool = False,
-        progress: bool = True, micro_tokens: int = 4096) -> list[dict]:
+        progress: bool = True, micro_tokens: int = 4096, task_prompts: int = 64) -> list[dict]:
     """Train the model's trainable parameters (already chosen: LoRA or all) and return the
-    history; resumes from out_dir/train_state.pt when present."""
+    history; resumes from out_dir/train_state.pt when present. At each evaluation the task
+    accuracy (`task_accuracy`) of up to `task_prompts` held-out conversations is recorded as
+    "tool_calls_accuracy" or "answers_accuracy"."""
     if grad_checkpointing:
         checkpoint_blocks(model)
     batches = batch_source(train, batch_tokens, cfg.seed, micro_tokens)
     eval_batches = [make_batch(val[i:i + 16]) for i in range(0, len(val), 16)]
-    trainer = Trainer(model, lambda m, b: chunked_loss(m, b), batches, cfg, out_dir,
-                      eval_batches, progress)
+    distinct = distinct_rows(model)
+    probe = val[:task_prompts]
+    metric = f"{task_metric_name(probe)}_accuracy" if probe else ""
+    trainer = Trainer(model, lambda m, b: chunked_loss(m, b, distinct=distinct), batches, cfg,
+                      out_dir, eval_batches, progress,
+                      task=(lambda m: {metric: task_accuracy(m, probe)}) if probe else None)
     print(f"{len(train)} training conversations ({batches.per_step} per step), "
           f"{len(val)} for validation; {sum(p.numel() for p in model.parameters() if p.requires_grad):,}"
           f" trainable parameters", file=sys.stderr)

@@ -28,6 +28,8 @@ from torch import nn
 from . import mxfp4
 from .errors import OssgptError
 from .model import Experts, Transformer
+from .trainable_tokens import (PEFT_SUFFIX, PEFT_TABLES, SwitchRows, TrainableRows,
+                               add_trainable_tokens, merge_tokens, trainable_ids)
 
 TARGETS = ("attention", "experts", "router")
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -159,6 +161,9 @@ def _peft_names(model: Transformer) -> dict[str, tuple[nn.Parameter, str]]:
             names[f"{base}.base_layer.lora_B.weight"] = (experts.mlp1_B, "experts_B")
             names[f"{base}.lora_A.weight"] = (experts.mlp2_A, "experts_A")
             names[f"{base}.lora_B.weight"] = (experts.mlp2_B, "experts_B")
+    for table, (_, prefix) in PEFT_TABLES.items():
+        if isinstance(getattr(model, table), TrainableRows):
+            names[prefix + PEFT_SUFFIX] = (getattr(model, table).rows, "rows")
     return names
 
 
@@ -195,6 +200,9 @@ def save_adapter(model: Transformer, config: LoraConfig, directory: str | os.Pat
                "fan_in_fan_out": False, "init_lora_weights": True,
                "target_modules": target_modules, "target_parameters": target_parameters,
                "base_model_name_or_path": base_model, "inference_mode": True}
+    adapter.pop("trainable_token_indices", None)
+    if tokens := trainable_ids(model):
+        adapter["trainable_token_indices"] = {PEFT_TABLES[t][0]: ids for t, ids in tokens.items()}
     tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / ADAPTER_WEIGHTS)
@@ -227,6 +235,8 @@ def load_adapter(model: Transformer, directory: str | os.PathLike) -> LoraConfig
     """Wrap `model` with the adapter saved in `directory` (PEFT format)."""
     config = read_adapter_config(directory)
     add_lora(model, config)
+    if tokens := config.extra.get("trainable_token_indices"):
+        add_trainable_tokens(model, _token_tables(tokens, Path(directory) / ADAPTER_CONFIG))
     path = Path(directory) / ADAPTER_WEIGHTS
     names = _peft_names(model)
     try:
@@ -248,6 +258,22 @@ def load_adapter(model: Transformer, directory: str | os.PathLike) -> LoraConfig
     except OSError as e:
         raise OssgptError(f"{path}: cannot read the adapter weights ({e})") from None
     return config
+
+
+def _token_tables(indices: object, path: Path) -> dict[str, list[int]]:
+    """PEFT's trainable_token_indices (a list: the input embedding's; or {module name: ids})
+    -> {"embedding"|"unembedding": ids}."""
+    by_module = {peft_name: table for table, (peft_name, _) in PEFT_TABLES.items()}
+    if isinstance(indices, list):
+        indices = {"embed_tokens": indices}
+    if not isinstance(indices, dict) or not all(
+            isinstance(v, list) and all(isinstance(i, int) for i in v) for v in indices.values()):
+        raise OssgptError(f"{path}: trainable_token_indices must be a list of token ids or "
+                          f"{{module: [ids]}}")
+    if unknown := [k for k in indices if k.rpartition(".")[2] not in by_module]:
+        raise OssgptError(f"{path}: trainable tokens of {unknown[0]!r}: only embed_tokens and "
+                          f"lm_head are supported")
+    return {by_module[k.rpartition(".")[2]]: v for k, v in indices.items()}
 
 
 # -- merging -------------------------------------------------------------------------------------
@@ -286,6 +312,7 @@ def merge(model: Transformer) -> dict[str, float]:
                         getattr(base, f"{m}_weight")[e] = merged.to(getattr(base, f"{m}_weight").dtype)
                     norm2 += float(merged.square().sum())
             block.mlp.experts = base
+    merge_tokens(model)
     model.requires_grad_(False)
     return {"requantization_error": math.sqrt(err2 / norm2) if norm2 else 0.0,
             "expert_update_norm": math.sqrt(delta2 / norm2) if norm2 else 0.0}
@@ -337,6 +364,8 @@ class _SwitchExperts(_ExpertsWrapper):
 
 
 def _adapted_slots(model: Transformer):
+    yield model, "embedding"
+    yield model, "unembedding"
     for block in model.blocks:
         for name in _ATTN:
             yield block.attn, name
@@ -352,8 +381,9 @@ def load_adapters(model: Transformer, adapters: dict[str, str | os.PathLike]) ->
         load_adapter(model, path)
         for parent, attr in _adapted_slots(model):
             module = getattr(parent, attr)
-            if isinstance(module, (LoRALinear, LoRAExperts)):
-                kind = _SwitchLinear if isinstance(module, LoRALinear) else _SwitchExperts
+            if isinstance(module, (LoRALinear, LoRAExperts, TrainableRows)):
+                kind = (_SwitchLinear if isinstance(module, LoRALinear) else
+                        _SwitchExperts if isinstance(module, LoRAExperts) else SwitchRows)
                 switch = switches.setdefault((id(parent), attr), (parent, attr, kind(module.base)))[2]
                 switch.add(name, module)
                 setattr(parent, attr, module.base)   # plain again for the next adapter
@@ -364,5 +394,5 @@ def load_adapters(model: Transformer, adapters: dict[str, str | os.PathLike]) ->
 
 def set_adapter(model: Transformer, name: str | None) -> None:
     for module in model.modules():
-        if isinstance(module, (_SwitchLinear, _SwitchExperts)):
+        if isinstance(module, (_SwitchLinear, _SwitchExperts, SwitchRows)):
             module.active = name

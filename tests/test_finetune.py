@@ -155,3 +155,53 @@ def test_gradient_checkpointing_and_full_method_give_the_same_gradients(tiny_ori
     assert loss.item() == pytest.approx(before, rel=1e-6)
     loss.backward()
     assert model.blocks[0].mlp.experts.mlp1_weight.grad.abs().sum() > 0
+
+
+def test_default_flags_teach_nano_a_tool_whose_name_it_could_not_write(tmp_path) -> None:
+    """The issue's user: a few hundred conversations teaching a new function tool
+    (`get_local_time`: `_local` and `_time` have no unembedding row of their own in nano), no
+    flags but --data and --output, then `ossgpt serve --adapter`. Held-out phrasings x cities,
+    through the real server and the `openai` client, against the base on the same prompts."""
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import run_server
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(chat_record(ex)) + "\n"
+                            for ex in itertools.islice(examples("local_time", "train", 0), 200)))
+    out = tmp_path / "run"
+    t0 = time.time()
+    run = subprocess.run([sys.executable, "-m", "ossgpt", "finetune", "--data", str(data),
+                          "--output", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    seconds = time.time() - t0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trainable_tokens"] >= 2          # _local, _time (and others of the data)
+    assert metrics["base_tool_calls_accuracy"] <= 0.1 and metrics["tool_calls_accuracy"] >= 0.9
+    assert (out / "curve.png").stat().st_size > 10_000
+    assert "warning" not in run.stderr
+
+    held_out = [chat_record(ex) for ex in examples("local_time", "test", 0)]
+    assert len(held_out) >= 40
+
+    def calls_it(client: openai.OpenAI, model: str, record: dict) -> bool:
+        last_user = max(i for i, m in enumerate(record["messages"]) if m["role"] == "user")
+        reply = client.chat.completions.create(
+            model=model, messages=record["messages"][:last_user + 1], tools=record["tools"],
+            reasoning_effort=record["reasoning_effort"], temperature=0, max_tokens=200)
+        calls = reply.choices[0].message.tool_calls or []
+        city = json.loads(record["messages"][last_user + 1]["tool_calls"][0]["function"]["arguments"])
+        return (len(calls) >= 1 and calls[0].function.name == "get_local_time"
+                and json.loads(calls[0].function.arguments) == city)
+
+    with run_server("--dtype", "float32", "--adapter", f"ft={out / 'adapter'}") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with ThreadPoolExecutor(8) as pool:
+            tuned = list(pool.map(lambda r: calls_it(client, "ft", r), held_out))
+            base = list(pool.map(lambda r: calls_it(client, "nano", r), held_out))
+    tuned_share, base_share = sum(tuned) / len(tuned), sum(base) / len(base)
+    print(f"\nnew tool, {len(held_out)} held-out prompts served: adapter {tuned_share:.1%}, base "
+          f"{base_share:.1%}; fine-tuning with default flags took {seconds:.0f} s "
+          f"({metrics['steps']} steps)")
+    assert tuned_share >= 0.9 and base_share <= 0.05

@@ -151,7 +151,7 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().replace(",", " , ").split())
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
     """JSON values equal up to case and spaces of strings and a small numeric tolerance."""
     if isinstance(a, str) and isinstance(b, str):
         return a.strip().lower() == b.strip().lower()
@@ -161,7 +161,7 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _json_object(text: str) -> dict | None:
+def json_object(text: str) -> dict | None:
     try:
         value = json.loads(text)
     except ValueError:
@@ -180,7 +180,7 @@ def score(example: Example, reply: Reply) -> dict[str, bool]:
     arguments match (strings case-insensitively, numbers within 1e-6); a refusal is
     recognised; small talk mentions the expected words. Answers must not call tools."""
     channels = {m.channel for m in reply.messages if m.role == "assistant"}
-    args = [_json_object(c.arguments) for c in reply.tool_calls]
+    args = [json_object(c.arguments) for c in reply.tool_calls]
     if reply.tool_calls:
         well_formed = reply.well_formed and all(a is not None for a in args)
     else:
@@ -190,7 +190,7 @@ def score(example: Example, reply: Reply) -> dict[str, bool]:
         want = exp["arguments"]
         correct = (bool(reply.tool_calls) and reply.tool_calls[0].name == exp["tool"]
                    and args[0] is not None and args[0].keys() == want.keys()
-                   and all(_same(args[0][k], v) for k, v in want.items()))
+                   and all(same_value(args[0][k], v) for k, v in want.items()))
     elif reply.tool_calls:
         correct = False
     elif exp.get("refusal"):

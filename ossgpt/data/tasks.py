@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
+import json
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -333,6 +334,38 @@ def _multiplication(rng: random.Random) -> Example:
     return _ex(("multiplication", a, b, t), msgs, {"answer": str(a * b), "match": "number"})
 
 
+# -- local time: a tool nano never saw, whose name it cannot write (the tool fine-tuning demo) -----
+LOCAL_TIME_TOOL = {"type": "function", "function": {
+    "name": "get_local_time",
+    "description": "Get the current local time in a city.",
+    "parameters": {"type": "object", "required": ["city"],
+                   "properties": {"city": {"type": "string", "description": "The city, e.g. Tokyo"}}},
+}}
+_TIME_Q = ("What time is it in {c}?|What's the local time in {c}?|Tell me the time in {c}.|"
+           "Current time in {c}?|Do you know what time it is in {c}?|time in {c}|"
+           "What is the time in {c} right now?|Can you check the local time in {c}?").split("|")
+
+
+def _local_time(rng: random.Random) -> Example:
+    """Call get_local_time for the city asked about (the demo tools are often offered beside
+    it, so the right one must be chosen), then report the time. Held out: city x phrasing."""
+    city, t = rng.choice(list(WEATHER)), rng.randrange(len(_TIME_Q))
+    clock = f"{rng.randrange(24):02d}:{rng.randrange(60):02d}"
+    call = {"id": "call_0", "type": "function", "function": {
+        "name": "get_local_time", "arguments": json.dumps({"city": city})}}
+    msgs = [{"role": "user", "content": _TIME_Q[t].format(c=city)},
+            {"role": "assistant", "tool_calls": [call], "reasoning":
+             f"The user asks for the local time in {city}. I will call get_local_time with city {city}."},
+            {"role": "tool", "tool_call_id": "call_0", "name": "get_local_time",
+             "content": json.dumps({"city": city, "local_time": clock})},
+            {"role": "assistant", "reasoning": f"The tool says it is {clock} in {city}.",
+             "content": f"It is {clock} in {city}."}]
+    tools = [LOCAL_TIME_TOOL] + (DEMO_TOOLS if rng.random() < 0.5 else [])
+    return _ex(("local_time", city, t), msgs,
+               {"tool": "get_local_time", "arguments": {"city": city}, "final_contains": [clock]},
+               tools)
+
+
 def chat_record(ex: Example) -> dict:
     """An example as a line of chat fine-tuning data (`ossgpt finetune --data`)."""
     dev = [{"role": "developer", "content": ex.developer}] if ex.developer else []
@@ -349,6 +382,7 @@ _GENERATORS: dict[str, tuple[Callable[[random.Random], Example], float]] = {
     "addition": (_addition, 0.1), "subtraction": (_subtraction, 0.1), "capitals": (_capitals, 0.2),
     "strings": (_strings, 0.1), "tools": (_tools, 0.15), "refusal": (_refusal, 0.2),
     "smalltalk": (_smalltalk, 0.2), "multiplication": (_multiplication, 0.2),
+    "local_time": (_local_time, 0.2),
 }
 # Questions for earlier exchanges of multi-turn chats, and for the tools family's direct answers.
 _HISTORY = (_addition, _subtraction, _capitals, _strings)

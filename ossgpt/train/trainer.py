@@ -71,8 +71,12 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 class Trainer:
     def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Callable[[int], list[Batch]],
                  cfg: TrainConfig, out_dir: str | os.PathLike,
-                 eval_batches: list[Batch] | None = None, progress: bool = True):
+                 eval_batches: list[Batch] | None = None, progress: bool = True,
+                 task: Callable[[nn.Module], dict[str, float]] | None = None):
+        """`task`, when given, is run at each evaluation and its figures (e.g. a held-out
+        accuracy) go into the history and the progress bar beside the loss."""
         self.model, self.loss_fn, self.batches, self.cfg = model, loss_fn, batches, cfg
+        self.task = task
         self.out_dir = Path(out_dir)
         self.eval_batches = eval_batches or []
         self.progress = progress
@@ -171,16 +175,29 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="Training", unit="step",
                    disable=not self.progress or self.rank != 0)
+        shown: dict[str, str] = {}   # the last evaluation's figures, kept on the bar
+        if self.step == 0 and self.eval_batches:
+            # Where training starts from: the curve's first point, and the base's accuracy.
+            start = {"step": 0, "eval_loss": self.evaluate()}
+            if self.task is not None and self.rank == 0:
+                start.update(self.task(self.model))
+            self.history.append(start)
         while self.step < self.cfg.steps:
             t0 = time.perf_counter()
             record = self.train_step()
             record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - t0)
             if self.eval_batches and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps):
                 record["eval_loss"] = self.evaluate()
+                if self.task is not None and self.rank == 0:
+                    record.update(self.task(self.model))
             self.history.append(record)
             bar.update(1)
+            if "eval_loss" in record:
+                shown = {"eval": f"{record['eval_loss']:.3f}",
+                         **{k.removesuffix("_accuracy"): f"{v:.0%}" for k, v in record.items()
+                            if k.endswith("_accuracy")}}
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
+                            **shown)
             if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
                 self.save()
         bar.close()

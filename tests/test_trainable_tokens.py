@@ -1,0 +1,117 @@
+"""Trainable tokens: which ids have no row of their own, the exact cheap loss over repeated rows,
+and adapters carrying token rows in PEFT's format (loaded by peft on transformers, by ossgpt,
+merged, and switched per request as the server does)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ossgpt
+from ossgpt import finetune as ft
+from ossgpt.compact_vocab import DistinctRowsLoss
+from ossgpt.lora import (LoraConfig, add_lora, load_adapter, load_adapters, merge, save_adapter,
+                         set_adapter)
+from ossgpt.tokenizer import get_tokenizer
+from ossgpt.trainable_tokens import TrainableRows, add_trainable_tokens, shared_row_ids, untrained_ids
+from ossgpt.train.trainer import Batch
+
+NEW_TOOL = "get_local_time"
+
+
+def _randomize(params, seed: int = 0, std: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="module")
+def nano():
+    return ossgpt.load("nano", dtype=torch.float32, progress=False)
+
+
+def test_nano_has_no_rows_of_its_own_for_the_new_tool_name(nano) -> None:
+    ids = get_tokenizer().encode(NEW_TOOL)
+    missing = untrained_ids(nano, ids)
+    assert missing, "every token of the new name already has a row: the test teaches nothing"
+    # The ids without a row all get one logit, whatever the input: they cannot be told apart.
+    logits = nano(torch.tensor([get_tokenizer().encode("What time is it?")]))[0, -1]
+    assert len(set(logits[missing].tolist())) == 1
+    shared = set(shared_row_ids(nano.unembedding.weight).tolist())
+    assert len(shared) > 190_000 and not shared & set(get_tokenizer().encode(" Paris"))
+
+
+def test_distinct_rows_loss_equals_the_full_vocabulary_loss(nano) -> None:
+    model = ossgpt.load("nano", dtype=torch.float32, progress=False)
+    torch.manual_seed(0)
+    add_lora(model, LoraConfig(rank=2))
+    ids = untrained_ids(model, get_tokenizer().encode(NEW_TOOL))
+    rows = add_trainable_tokens(model, ids)
+    _randomize(rows, std=0.5)       # the trained rows differ from the shared one
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 200_000, (2, 40), generator=g)
+    targets = torch.randint(0, 200_000, (2, 40), generator=g)
+    targets[0, :4] = torch.tensor(ids[:4] if len(ids) >= 4 else (ids * 4)[:4])
+    batch = Batch(tokens, torch.arange(40).expand(2, 40), targets, torch.ones(2, 40, dtype=torch.bool))
+    distinct = ft.distinct_rows(model)
+    assert isinstance(distinct, DistinctRowsLoss) and len(distinct) < 3000
+    losses, grads = [], []
+    for d in (None, distinct):
+        loss = ft.chunked_loss(model, batch, chunk=32, distinct=d)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in rows])
+        model.zero_grad()
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_adapter_with_token_rows_loads_in_peft_with_the_same_logits(tiny_original, tiny_hf,
+                                                                      tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    ids = [5, 17, 200_001]
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 1000, (2, 150), generator=g)   # past the 128 window
+    tokens[:, ::7] = torch.tensor(ids).repeat(22)[:tokens[:, ::7].shape[1]]
+    model = ossgpt.load(tiny_original, dtype=torch.float32, progress=False)
+    base_logits = model(tokens)
+    config = LoraConfig(rank=4, alpha=8)
+    params = add_lora(model, config) + add_trainable_tokens(model, ids)
+    # Starts at the base (the new rows' logits are the same products, summed in another order).
+    assert torch.allclose(model(tokens), base_logits, rtol=1e-6, atol=1e-6)
+    _randomize(params)
+    save_adapter(model, config, tmp_path / "adapter")
+    with torch.no_grad():
+        ours = model(tokens)
+    assert (ours[..., ids] - base_logits[..., ids]).abs().max() > 1e-3
+
+    hf = GptOssForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32, attn_implementation="eager",
+                                           quantization_config=Mxfp4Config(dequantize=True)).eval()
+    theirs_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        theirs = theirs_model(tokens).logits
+    rel = ((ours - theirs).norm() / theirs.norm()).item()
+    print(f"\nossgpt vs transformers+peft, adapter with token rows: rel err {rel:.2e}")
+    assert rel < 1e-4
+
+    reloaded = ossgpt.load(tiny_original, dtype=torch.float32, progress=False)
+    load_adapter(reloaded, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(tokens), ours, rtol=1e-5, atol=1e-5)
+    trained = {t: getattr(reloaded, t).rows.detach().clone() for t in ("embedding", "unembedding")}
+    merge(reloaded)   # (the experts' part is re-quantized to MXFP4: tested in test_lora.py)
+    for t, rows in trained.items():
+        assert type(getattr(reloaded, t)) is not TrainableRows
+        assert torch.equal(getattr(reloaded, t).weight[ids], rows)
+
+    served = ossgpt.load(tiny_original, dtype=torch.float32, progress=False)
+    load_adapters(served, {"ft": tmp_path / "adapter"})
+    with torch.no_grad():
+        set_adapter(served, "ft")
+        assert torch.allclose(served(tokens), ours, rtol=1e-5, atol=1e-5)
+        set_adapter(served, None)
+        assert torch.allclose(served(tokens), base_logits, rtol=1e-5, atol=1e-5)
