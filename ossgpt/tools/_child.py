@@ -264,12 +264,14 @@ def run_cell(code, env, number):
 def repl(control_fd, info):
     env = {"__name__": "__main__", "__builtins__": __builtins__}
     os.write(control_fd, (json.dumps(info) + "\n").encode())
-    number = 0
+    number, me = 0, os.getpid()
     while True:
         (size,) = struct.unpack("<Q", read_exact(8))
         code = read_exact(size).decode("utf-8")
         number += 1
         run_cell(code, env, number)
+        if os.getpid() != me:
+            os._exit(0)                 # a child the cell forked that fell through: not a 2nd REPL
         sys.stdout.flush()
         sys.stderr.flush()
         os.write(control_fd, b"done\n")

@@ -78,6 +78,19 @@ def _cgroup_for(processes: int) -> Path | None:
     return None
 
 
+def process_limit() -> str | None:
+    """How the sandbox's process count is capped here: "rlimit" (RLIMIT_NPROC, counted in the
+    sandbox's own user namespace), "cgroup" (as root, a pids cgroup), or None (root without a
+    writable pids cgroup: Linux ignores RLIMIT_NPROC for real uid 0, so nothing caps it)."""
+    if os.getuid() != 0:
+        return "rlimit"
+    group = _cgroup_for(1)
+    if group is None:
+        return None
+    _remove_cgroup(group)
+    return "cgroup"
+
+
 def _remove_cgroup(group: Path) -> None:
     deadline = time.monotonic() + 2
     while True:
