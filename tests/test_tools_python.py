@@ -78,9 +78,12 @@ ESCAPES = [
      _nothing_written),
     ("write outside scratch", "open('$outside/escaped-$tag', 'w').write('x')",
      ("PermissionError", "FileNotFoundError"), _nothing_written),
-    ("fork bomb", "import os\nwhile True:\n    os.fork()", ("BlockingIOError",), None),
+    # the bomb's children die as their forks fail, making room for the parent's next fork: on a
+    # busy machine it can spin until the wall clock ends it, contained either way
+    ("fork bomb", "import os\nwhile True:\n    os.fork()",
+     ("BlockingIOError", "timed out after 3 seconds"), None),
     ("memory bomb", "chunks = []\nwhile True:\n    chunks.append(bytearray(64 << 20))",
-     ("MemoryError",), None),
+     ("MemoryError", "The Python process ended"), None),
     ("one huge allocation", "x = bytearray(8 << 30)", ("MemoryError",), None),
     ("infinite loop", "while True:\n    pass", ("timed out after 3 seconds",), None),
     ("sleeping forever", "import time\ntime.sleep(3600)", ("timed out after 3 seconds",), None),
@@ -96,8 +99,8 @@ ESCAPES = [
      ("ProcessLookupError", "PermissionError"), None),
     ("kill every process", "import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('sent')",
      ("sent", "PermissionError", "ProcessLookupError"), None),
-    ("environment secrets", "import os\nprint(sorted(os.environ), os.environ.get('OPENAI_API_KEY'))",
-     ("'PATH'",), None),
+    ("environment secrets", "import os\nprint(os.environ.get('OPENAI_API_KEY'), 'HOME=' + os.environ['HOME'])",
+     ("None HOME=/mnt/data",), None),
     ("unmount /mnt/data", "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
      "print('umount', libc.umount2(b'/mnt/data', 2), ctypes.get_errno())\nimport os\n"
      "print(os.listdir('/mnt/data'))", ("umount -1 1",), None),
@@ -119,8 +122,9 @@ def test_escape_is_contained(tool: PythonTool, targets: dict, monkeypatch: pytes
     assert len(reply) < LIMITS.output_chars + 500
     if after is not None:
         after(targets)
-    # the same tool, and even the same session, still answers
-    assert tool.run(session, "print(6 * 7)").strip().endswith("42")
+    # the same tool, and even the same session, still answers (after what the attempt's own
+    # processes may still print)
+    assert "42" in tool.run(session, "print(6 * 7)")
     tool.close(session)
 
 
@@ -170,6 +174,9 @@ def test_tracebacks_and_exits_read_well(tool: PythonTool) -> None:
     assert reply.startswith("Traceback") and 'File "<cell 1>", line 2, in f' in reply
     assert "_child" not in reply                   # the REPL's own frames are not shown
     assert "SystemExit: 3" in tool.run("tb", "raise SystemExit(3)")
+    forked = ("import os, sys\npid = os.fork()\nif pid == 0:\n    print('child')\n    sys.exit(7)\n"
+              "os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])")
+    assert tool.run("tb", forked) == "child\n7\n"     # a forked child's exit ends it, not the REPL
     reply = tool.run("tb", "import os\nos._exit(5)")
     assert "ended (it exited with status 5)" in reply and "reset" in reply
     assert tool.run("tb", "1 + 1") == "2\n"

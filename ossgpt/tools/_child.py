@@ -238,8 +238,10 @@ def read_exact(n):
     return data
 
 
-def run_cell(code, env, number):
-    """Execute one message like a notebook cell: the value of a final expression is printed."""
+def run_cell(code, env, number, me):
+    """Execute one message like a notebook cell: the value of a final expression is printed.
+    `me` is the REPL's pid: a process the cell forked that falls through to here ends quietly
+    instead of printing its own copy of the error (a fork bomb's hundred tracebacks)."""
     name = f"<cell {number}>"
     import linecache
     linecache.cache[name] = (len(code), None, code.splitlines(True), name)
@@ -253,8 +255,14 @@ def run_cell(code, env, number):
                 env["_"] = value
                 print(repr(value))
     except SystemExit as e:
+        if os.getpid() != me:           # a forked child's sys.exit() ends that child
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
         print(f"SystemExit: {e.code}", file=sys.stderr)
     except BaseException as e:          # noqa: BLE001 - KeyboardInterrupt, MemoryError too
+        if os.getpid() != me:
+            os._exit(1)
         tb = e.__traceback__
         while tb is not None and tb.tb_frame.f_code.co_filename != name:
             tb = tb.tb_next             # start the traceback at the cell, not at this loop
@@ -269,7 +277,7 @@ def repl(control_fd, info):
         (size,) = struct.unpack("<Q", read_exact(8))
         code = read_exact(size).decode("utf-8")
         number += 1
-        run_cell(code, env, number)
+        run_cell(code, env, number, me)
         if os.getpid() != me:
             os._exit(0)                 # a child the cell forked that fell through: not a 2nd REPL
         sys.stdout.flush()

@@ -127,8 +127,11 @@ class Child:
                   "read_paths": read_paths(), "program": program}
         source = f"{_CHILD_SOURCE}\nmain(json.loads({json.dumps(config)!r}))\n"
         # Only these variables: nothing of the server's environment (API keys) goes in.
+        # One thread for numeric libraries: OpenBLAS and OpenMP start one per core, which runs
+        # into the process limit (threads count) and the address-space limit on big machines.
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(scratch),
-               "TMPDIR": str(tmp), "MPLBACKEND": "Agg"}
+               "TMPDIR": str(tmp), "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
+               "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-u", "-c", source], cwd=scratch, env=env,
