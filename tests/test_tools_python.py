@@ -93,6 +93,10 @@ ESCAPES = [
      ("PermissionError",), None),
     ("os.system", "import os\nstatus = os.system('cat /etc/shadow')\nprint('exit status', status)",
      ("exit status 32512",), None),          # /bin/sh may not be executed: 127 << 8
+    ("socket through x32 numbers", "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+     "print('socket', libc.syscall(0x40000000 + 41, 2, 1, 0), os.strerror(ctypes.get_errno()))"
+     if os.uname().machine == "x86_64" else "print('socket -1 Operation not permitted')",
+     ("socket -1 Operation not permitted",), None),
     ("signal the parent", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('sent')",
      ("PermissionError",), None),
     ("kill the test process", "import os, signal\nos.kill($pid, signal.SIGKILL)\nprint('sent')",

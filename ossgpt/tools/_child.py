@@ -192,7 +192,9 @@ def seccomp(info):
     # classic BPF: check the arch, then refuse the listed syscall numbers with EPERM
     ret, allow, eperm, kill = 0x06, 0x7FFF0000, 0x00050000 | 1, 0x80000000
     nrs = sorted(numbers.values())
-    prog = [(0x20, 0, 0, 4), (0x15, 1, 0, audit_arch), (ret, 0, 0, kill), (0x20, 0, 0, 0)]
+    prog = [(0x20, 0, 0, 4), (0x15, 1, 0, audit_arch), (ret, 0, 0, kill), (0x20, 0, 0, 0),
+            # x86_64's x32 numbers (bit 30 set) reach the same syscalls: refused, all of them
+            (0x35, len(nrs) + 1, 0, 0x40000000)]
     for i, nr in enumerate(nrs):
         # jump to the EPERM return (after the remaining checks and the ALLOW return) on a match
         prog.append((0x15, len(nrs) - i, 0, nr))
