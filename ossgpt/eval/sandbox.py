@@ -1,28 +1,24 @@
 """Running model-written code (HumanEval) in a throwaway child process.
 
-The child gets: no network (a new user + network namespace through `unshare -rn` where the
-kernel allows it, so only a loopback that is down; and, in every case, Python's socket
-constructors replaced by ones that raise, which is all that stands where namespaces are not
-allowed: say so in the result's `network` field), CPU seconds and address space capped
-(RLIMIT_CPU, RLIMIT_AS), files capped (RLIMIT_FSIZE), a wall-clock timeout that kills its whole
-process group, a scratch directory as cwd and HOME that is deleted afterwards, an environment
-without the parent's variables, and `python -I` (no user site, no PYTHON* variables).
-This contains mistakes and casual escapes, not a determined attacker: run untrusted models'
-code inside a VM or container too.
+The child is confined by ossgpt/tools/sandbox.py, as the python tool's are (user, mount, network
+and PID namespaces, Landlock: only its scratch folder and the Python installation are reachable,
+seccomp, CPU/memory/process/file-size limits, an environment without the parent's variables),
+plus a wall-clock timeout that kills it all. Where that sandbox cannot be set up here, the program
+still runs, as graded benchmark code always has, with the limits and Python's socket constructors
+replaced by ones that raise: the result's `network` field says which ("namespace" or "sockets
+disabled"). This contains mistakes and casual escapes, not a determined attacker: run untrusted
+models' code inside a VM or container too.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import resource
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from ..tools.sandbox import Child, Limits, unavailable_reason
 from .grading import NO_ANSWER, OK, Grade, extract_code
 from .suites import Sample
 
@@ -44,57 +40,30 @@ class RunResult:
     network: str           # "namespace" or "sockets disabled"
 
 
-@functools.lru_cache(maxsize=1)
 def network_isolation() -> str:
-    """'namespace' where `unshare -rn` works here, else 'sockets disabled'."""
-    unshare = shutil.which("unshare")
-    if unshare:
-        try:
-            done = subprocess.run([unshare, "-rn", "true"], capture_output=True, timeout=10)
-            if done.returncode == 0:
-                return "namespace"
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return "sockets disabled"
-
-
-def _limits(cpu_s: int, memory_bytes: int) -> None:
-    """In the child before exec: its own process group, and the resource limits."""
-    os.setsid()
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    """'namespace' where the sandbox (its network namespace among the rest) works here, else
+    'sockets disabled'."""
+    return "namespace" if unavailable_reason() is None else "sockets disabled"
 
 
 def run_python(program: str, timeout_s: float = 10.0, cpu_s: int = 10,
                memory_bytes: int = 1 << 30) -> RunResult:
     """Run `program` with python in the sandbox; passed = exit status 0 within the limits."""
     isolation = network_isolation()
-    scratch = tempfile.mkdtemp(prefix="ossgpt-sandbox-")
+    scratch = Path(tempfile.mkdtemp(prefix="ossgpt-sandbox-"))
     try:
-        path = os.path.join(scratch, "program.py")
-        with open(path, "w") as f:
-            f.write(_NO_SOCKETS + program)
-        command = [sys.executable, "-I", path]
-        if isolation == "namespace":
-            command = [shutil.which("unshare"), "-rn"] + command
-        env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8"}
-        proc = subprocess.Popen(command, cwd=scratch, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                preexec_fn=functools.partial(_limits, cpu_s, memory_bytes))
+        (scratch / "program.py").write_text(_NO_SOCKETS + program)
+        limits = Limits(cpu_seconds=cpu_s, memory_bytes=memory_bytes, file_bytes=16 << 20)
+        # mounts=False: the program sees its scratch folder by its own path, as cwd and HOME
+        child = Child("file", scratch, scratch, limits, confine=isolation == "namespace",
+                      mounts=False, program="program.py")
         try:
-            out, _ = proc.communicate(timeout=timeout_s)
-            status = "passed" if proc.returncode == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            out, _ = proc.communicate()
-            status = "timeout"
-        text = out.decode("utf-8", errors="replace")[-2000:]
-        return RunResult(status == "passed", status, text, isolation)
+            out, event = child.read(time.monotonic() + timeout_s, 4000, until=None)
+            status = child.exit_status() if event == "exited" else None
+        finally:
+            child.kill()
+        run = "timeout" if event == "timeout" else "passed" if status == 0 else "failed"
+        return RunResult(run == "passed", run, out[-2000:], isolation)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
