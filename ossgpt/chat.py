@@ -4,12 +4,14 @@ reply, and the terminal loop of `ossgpt chat` that shows reasoning apart from th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from rich.console import Console
 
 from .generate import generate
-from .harmony import Reply, ReplyDelta, ReplyParser, render_prompt, stop_tokens
+from .harmony import (BUILTIN_CALLS, Reply, ReplyDelta, ReplyParser, ToolCall, render_prompt,
+                      stop_tokens)
 from .model import Transformer
 from .sampling import SamplingParams
 
@@ -20,10 +22,11 @@ class ChatSession:
     def __init__(self, model: Transformer, *, reasoning_effort: str = "medium",
                  system: str | None = None, developer: str | None = None,
                  tools: list[dict] | None = None, sampling: SamplingParams | None = None,
-                 max_tokens: int = 4096):
+                 max_tokens: int = 4096, builtin_tools: Sequence[str] = ()):
         self.model = model
         self.render_options = dict(reasoning_effort=reasoning_effort, system=system,
-                                   developer=developer, tools=tools)
+                                   developer=developer, tools=tools,
+                                   builtin_tools=tuple(builtin_tools))
         self.sampling = sampling or SamplingParams()
         self.max_tokens = max_tokens
         self.history: list[dict] = []
@@ -39,13 +42,16 @@ class ChatSession:
         seed = None if self.sampling.seed is None else self.sampling.seed + len(self.history)
         sampling = dataclasses.replace(self.sampling, seed=seed)
         tools = self.render_options["tools"] or []
-        parser = ReplyParser({(t.get("function") or t)["name"] for t in tools})
+        callable_names = {(t.get("function") or t)["name"] for t in tools}
+        for builtin in self.render_options["builtin_tools"]:
+            callable_names.update(BUILTIN_CALLS[builtin])
+        parser = ReplyParser(callable_names)
         self.finish_reason = None
-        for event in generate(self.model, [prompt], self.max_tokens, sampling, stop_tokens()):
-            delta = parser.push(event.token)
+        for token, finish_reason in self._generate(prompt, sampling):
+            delta = parser.push(token)
             if delta is not None and delta.text:
                 yield delta
-            self.finish_reason = event.finish_reason
+            self.finish_reason = finish_reason
         tail = parser.finish()
         if tail is not None and tail.text:
             yield tail
@@ -55,11 +61,19 @@ class ChatSession:
         if reply.reasoning:
             assistant["reasoning"] = reply.reasoning
         if reply.tool_calls:
+            # channel and content type kept: history renders the call as the model wrote it
             assistant["tool_calls"] = [
                 {"id": f"call_{len(self.history)}_{i}", "type": "function",
+                 "channel": c.channel, "content_type": c.content_type,
                  "function": {"name": c.name, "arguments": c.arguments}}
                 for i, c in enumerate(reply.tool_calls)]
         self.history = messages + [assistant]
+
+    def _generate(self, prompt: list[int],
+                  sampling: SamplingParams) -> Iterator[tuple[int, str | None]]:
+        """The reply's tokens, each with the finish reason (None until the last)."""
+        for event in generate(self.model, [prompt], self.max_tokens, sampling, stop_tokens()):
+            yield event.token, event.finish_reason
 
     def say(self, text: str) -> Iterator[ReplyDelta]:
         return self.send([{"role": "user", "content": text}])
@@ -90,6 +104,57 @@ def print_reply(session: ChatSession, deltas: Iterator[ReplyDelta], console: Con
 
 
 ToolRunner = Callable[[str, str], str]
+SHOWN_LINES = 12  # of a tool's output, on the terminal (the model gets all of it)
+
+
+class ChatTools:
+    """The tools `ossgpt chat` runs for the model: function tools (`run_function`, e.g. the
+    demo tools), and the built-in browser (a BrowserTool) and python (a PythonTool)."""
+
+    def __init__(self, run_function: ToolRunner | None = None, browser: Any = None,
+                 python: Any = None) -> None:
+        self.run_function = run_function
+        self.browser = browser
+        self.python = python
+
+    @property
+    def builtin_tools(self) -> list[str]:
+        return [name for name, tool in (("browser", self.browser), ("python", self.python)) if tool]
+
+    def __call__(self, name: str, arguments: str) -> str:
+        if name.startswith("browser.") and self.browser is not None:
+            return self.browser.call(name.removeprefix("browser."), arguments)
+        if name == "python" and self.python is not None:
+            try:
+                return self.python.run("chat", arguments)
+            except Exception as e:  # the model reads the failure; the chat goes on
+                return f"python tool error: {type(e).__name__}: {e}"
+        if self.run_function is not None:
+            return self.run_function(name, arguments)
+        return f"error: no tool named {name}"
+
+    def close(self) -> None:
+        if self.python is not None:
+            self.python.close()
+
+
+def tool_results(calls: list[ToolCall], run_tool: ToolRunner | None,
+                 console: Console) -> list[dict]:
+    """Each call run (by `run_tool`, else typed by the user at the terminal), as the tool
+    messages that answer it, on the channel the call was made on."""
+    results = []
+    for call in calls:
+        if run_tool is not None:
+            output = run_tool(call.name, call.arguments)
+            lines = output.split("\n")
+            shown = "\n".join(lines[:SHOWN_LINES]) + (
+                f"\n… ({len(lines) - SHOWN_LINES} more lines)" if len(lines) > SHOWN_LINES else "")
+            console.print(f"← {shown}", style="cyan", markup=False, highlight=False)
+        else:   # no tool runner: the user plays the tool and types its result
+            output = console.input(f"[cyan]{call.name} result> [/]")
+        results.append({"role": "tool", "name": call.name, "channel": call.channel,
+                        "content": output})
+    return results
 
 
 def converse(session: ChatSession, text: str, console: Console, show_reasoning: bool,
@@ -101,16 +166,19 @@ def converse(session: ChatSession, text: str, console: Console, show_reasoning: 
         print_reply(session, deltas, console, show_reasoning)
         calls = session.last_reply.tool_calls if session.last_reply else []
         if not calls or (run_tool is None and not interactive):
+            _print_sources(session, run_tool, console)
             return
-        results = []
-        for call in calls:
-            if run_tool is not None:
-                output = run_tool(call.name, call.arguments)
-                console.print(f"← {output}", style="cyan", markup=False, highlight=False)
-            else:   # no tool runner: the user plays the tool and types its result
-                output = console.input(f"[cyan]{call.name} result> [/]")
-            results.append({"role": "tool", "name": call.name, "content": output})
-        deltas = session.send(results)
+        deltas = session.send(tool_results(calls, run_tool, console))
+
+
+def _print_sources(session: ChatSession, run_tool: ToolRunner | None, console: Console) -> None:
+    """Where the answer's browser citations (【cursor†Lx-Ly】) point: files or URLs and lines."""
+    browser = getattr(run_tool, "browser", None)
+    if browser is None or session.last_reply is None:
+        return
+    for c in browser.citations(session.last_reply.content):
+        console.print(f"  【{c.cursor}†L{c.first}-L{c.last}】 {c}", style="dim", markup=False,
+                      highlight=False)
 
 
 def run_repl(session: ChatSession, show_reasoning: bool = False,

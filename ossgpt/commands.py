@@ -127,14 +127,15 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
          developer: str | None = None, tools: str | None = None, show_reasoning: bool = False,
          max_tokens: int = 4096, temperature: float = 1.0, top_p: float = 1.0,
          seed: int | None = None, device: str = "auto", dtype: str = "bfloat16",
-         verbose: bool = False, steer: str | None = None) -> None:
+         verbose: bool = False, steer: str | None = None, corpus: str | None = None,
+         search_url: str | None = None, python_unsandboxed: bool = False) -> None:
     """Chat in the harmony format; reads one prompt from stdin when it is not a terminal.
 
     model: nano (bundled), a checkpoint directory (original/ or Hugging Face layout) or hub id
     reasoning_effort: low, medium or high
     system: replaces the model identity line of the system message
     developer: developer instructions
-    tools: "demo" (get_weather, convert_units, run locally) or a JSON file of function tools (you type their results)
+    tools: comma-separated: "browser" (gpt-oss's built-in browser over --corpus or the web), "python" (its built-in python notebook), "demo" (get_weather, convert_units, run locally), or a JSON file of function tools (you type their results)
     show_reasoning: print the model's reasoning (dimmed) before its answer
     max_tokens: most tokens per reply
     temperature: 0 for greedy
@@ -143,22 +144,78 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
     device: cpu, cuda or auto
     dtype: bfloat16, float32 or float16
     verbose: say where it runs (device, threads, the CPU kernels' instruction set)
-    steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated"""
-    from .chat import ChatSession, run_repl
+    steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated
+    corpus: the browser's documents: a folder of .md, .txt, .html and .pdf files, indexed on first use
+    search_url: the browser searches the web through this SearXNG-style JSON endpoint (.../search) instead of --corpus
+    python_unsandboxed: run the python tool's code without its sandbox (your own machine, your own risk)"""
+    from .chat import ChatSession, ChatTools, run_repl
     from .sampling import SamplingParams
 
     if reasoning_effort not in ("low", "medium", "high"):
         raise OssgptError(f"--reasoning-effort must be low, medium or high, got {reasoning_effort!r}")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-    tool_defs, run_tool = _tools(tools)
+    specs = [t.strip() for t in (tools or "").split(",") if t.strip()]
+    functions = [t for t in specs if t not in ("browser", "python")]
+    if len(functions) > 1:
+        raise OssgptError(f"--tools: one function-tool source at most (demo or a JSON file), got {functions}")
+    tool_defs, run_function = _tools(functions[0] if functions else None)
+    toolbox = ChatTools(run_function,
+                        _browser(corpus, search_url) if "browser" in specs else None,
+                        _python_tool(python_unsandboxed) if "python" in specs else None)
+    if not specs:
+        run_tool = None
+    elif run_function is None and functions and not toolbox.builtin_tools:
+        run_tool = None  # a JSON file of tools: the user types their results
+    else:
+        run_tool = toolbox
     scripted = _read_stdin_prompt()
     steers = _read_steers(steer)
     net = _load(model, device, dtype, verbose=verbose)
     session = ChatSession(net, reasoning_effort=reasoning_effort, system=system,
                           developer=developer, tools=tool_defs, sampling=sampling,
-                          max_tokens=max_tokens)
-    with _steered(net, steers):
-        run_repl(session, show_reasoning=show_reasoning, scripted_prompt=scripted, run_tool=run_tool)
+                          max_tokens=max_tokens, builtin_tools=toolbox.builtin_tools)
+    try:
+        with _steered(net, steers):
+            run_repl(session, show_reasoning=show_reasoning, scripted_prompt=scripted,
+                     run_tool=run_tool)
+    finally:
+        toolbox.close()
+
+
+def _browser(corpus: str | None, search_url: str | None):
+    """--tools browser: its backend, a local folder (--corpus) or the web (--search-url)."""
+    if corpus and search_url:
+        raise OssgptError("--corpus and --search-url: give one (a folder, or a search endpoint)")
+    from .tools.browser import BackendError, BrowserTool, LocalCorpus, WebBackend
+
+    if search_url:
+        return BrowserTool(WebBackend(search_url))
+    if not corpus:
+        raise OssgptError("--tools browser needs --corpus DIR (a folder of documents) "
+                          "or --search-url URL (a SearXNG-style JSON search endpoint)")
+    try:
+        backend = LocalCorpus(corpus)
+    except ImportError as e:
+        raise OssgptError(f"the browser's local corpus needs {e.name}: "
+                          "pip install 'ossgpt[tools]'") from None
+    except BackendError as e:
+        raise OssgptError(f"--corpus: {e}") from None
+    what = "indexed" if backend.built else "index loaded for"
+    print(f"browser: {what} {len(backend.paths)} documents in {backend.root}", file=sys.stderr)
+    for note in backend.notes:
+        print(f"browser: {note}", file=sys.stderr)
+    return BrowserTool(backend)
+
+
+def _python_tool(unsandboxed: bool):
+    """--tools python: the notebook tool of ossgpt.tools.python, or None (said why) where this
+    install lacks it."""
+    try:
+        from .tools.python import PythonTool
+    except ImportError as e:
+        print(f"python tool is not available ({e}); chatting without it", file=sys.stderr)
+        return None
+    return PythonTool(unsandboxed=unsandboxed)
 
 
 def _tools(spec: str | None):

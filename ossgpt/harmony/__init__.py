@@ -4,9 +4,9 @@ and header recognition that the parser and the server's constraint share (framin
 
 from .framing import Event, Framer, Header, read_header
 from .parse import ParsedMessage, Reply, ReplyDelta, ReplyParser, ToolCall, parse_reply
-from .render import (REASONING_KEYS, build_conversation, render_conversation, render_prompt,
-                     stop_tokens)
+from .render import (BUILTIN_CALLS, BUILTIN_TOOLS, REASONING_KEYS, build_conversation,
+                     render_conversation, render_prompt, stop_tokens)
 
-__all__ = ["REASONING_KEYS", "Event", "Framer", "Header", "ParsedMessage", "Reply", "ReplyDelta",
-           "ReplyParser", "ToolCall", "build_conversation", "parse_reply", "read_header",
+__all__ = ["BUILTIN_CALLS", "BUILTIN_TOOLS", "REASONING_KEYS", "Event", "Framer", "Header",
+           "ParsedMessage", "Reply", "ReplyDelta", "ReplyParser", "ToolCall", "build_conversation", "parse_reply", "read_header",
            "render_conversation", "render_prompt", "stop_tokens"]

@@ -39,8 +39,12 @@ class ParsedMessage:
 
 @dataclass
 class ToolCall:
-    name: str       # without the "functions." namespace
-    arguments: str  # the JSON text as generated
+    name: str       # without the "functions." namespace; built-in tools: "browser.search", "python"
+    arguments: str  # the JSON text as generated (python: the code)
+    # Where the model wrote the call: gpt-oss calls on commentary and on analysis, with
+    # "<|constrain|>json", "json" or "code"; the tool's result goes back on the same channel.
+    channel: str | None = None
+    content_type: str | None = None
 
 
 @dataclass
@@ -133,7 +137,7 @@ class ReplyParser:
             if m.role != "assistant":
                 continue  # e.g. a hallucinated tool result
             if m.call is not None:
-                calls.append(ToolCall(m.call, m.text))
+                calls.append(ToolCall(m.call, m.text, m.channel, m.content_type))
             elif m.channel == "analysis":
                 reasoning.append(m.text)
             else:  # final, commentary preambles, text without a channel, calls cut short

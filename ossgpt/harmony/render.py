@@ -9,13 +9,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from openai_harmony import (Author, Conversation, DeveloperContent, Message, ReasoningEffort,
-                            RenderConversationConfig, Role, SystemContent, ToolDescription)
+                            RenderConversationConfig, Role, SystemContent, ToolDescription,
+                            ToolNamespaceConfig)
 
 from ..tokenizer import harmony_encoding
 
 _EFFORTS = {e.value.lower(): e for e in ReasoningEffort}
 # Where OpenAI-style messages carry the reasoning, by client (vLLM, DeepSeek, Anthropic-style).
 REASONING_KEYS = ("reasoning", "reasoning_content", "thinking")
+# The tools gpt-oss was trained with, declared in the system message (not the developer's
+# `functions` namespace), and the names the model calls them by.
+BUILTIN_TOOLS = {"browser": ToolNamespaceConfig.browser, "python": ToolNamespaceConfig.python}
+BUILTIN_CALLS = {"browser": ("browser.search", "browser.open", "browser.find"),
+                 "python": ("python",)}
 
 
 def stop_tokens() -> list[int]:
@@ -41,28 +47,39 @@ def render_conversation(conv: Conversation, for_completion: bool = True, *,
 def render_prompt(messages: Sequence[dict], *, reasoning_effort: str = "medium",
                   system: str | None = None, developer: str | None = None,
                   tools: Sequence[dict] | None = None, date: str | None = None,
-                  knowledge_cutoff: str = "2024-06") -> list[int]:
+                  knowledge_cutoff: str = "2024-06",
+                  builtin_tools: Sequence[str] = ()) -> list[int]:
     """Render an OpenAI-style chat ready for the assistant's reply (ends in <|start|>assistant).
 
     `system` overrides the model identity line; `developer` are instructions (system and
     developer messages in `messages` are appended to them); `tools` are function tools, either
     {"type": "function", "function": {...}} or bare {"name", "description", "parameters"};
-    `date` is the conversation start date (default today, "" for none).
+    `date` is the conversation start date (default today, "" for none); `builtin_tools`: "browser"
+    and/or "python", declared in the system message as openai-harmony declares them.
+
+    Calls to built-in tools are assistant tool_calls named "browser.search", "python", ...; a
+    call (or a tool result) may say the `channel` it was on ("analysis" or "commentary", the
+    default) and a call its `content_type` ("code", "<|constrain|>json"), so history renders
+    as the model wrote it. A tool result on an unnamed channel takes its call's channel.
     """
     conv = build_conversation(messages, reasoning_effort=reasoning_effort, system=system,
                               developer=developer, tools=tools, date=date,
-                              knowledge_cutoff=knowledge_cutoff)
+                              knowledge_cutoff=knowledge_cutoff, builtin_tools=builtin_tools)
     return render_conversation(conv, for_completion=True)
 
 
 def build_conversation(messages: Sequence[dict], *, reasoning_effort: str = "medium",
                        system: str | None = None, developer: str | None = None,
                        tools: Sequence[dict] | None = None, date: str | None = None,
-                       knowledge_cutoff: str = "2024-06") -> Conversation:
+                       knowledge_cutoff: str = "2024-06",
+                       builtin_tools: Sequence[str] = ()) -> Conversation:
     """The harmony Conversation that `render_prompt` renders (same arguments)."""
     effort = _EFFORTS.get(str(reasoning_effort).lower())
     if effort is None:
         raise ValueError(f"reasoning_effort must be low, medium or high, not {reasoning_effort!r}")
+    unknown = [b for b in builtin_tools if b not in BUILTIN_TOOLS]
+    if unknown:
+        raise ValueError(f"builtin_tools: unknown {unknown}; known: {sorted(BUILTIN_TOOLS)}")
     sys_content = SystemContent.new().with_reasoning_effort(effort)
     sys_content = sys_content.with_knowledge_cutoff(knowledge_cutoff)
     if system is not None:
@@ -70,11 +87,15 @@ def build_conversation(messages: Sequence[dict], *, reasoning_effort: str = "med
     date = datetime.date.today().isoformat() if date is None else date
     if date:
         sys_content = sys_content.with_conversation_start_date(date)
+    for name in dict.fromkeys(builtin_tools):  # once each, in the order given
+        sys_content = sys_content.with_tools(BUILTIN_TOOLS[name]())
+    builtin = {call for b in builtin_tools for call in BUILTIN_CALLS[b]}
 
     instructions = [developer] if developer else []
     body: list[Message] = []
-    call_names: dict[str, str] = {}  # tool_call_id -> function name, to name tool results
-    last_call: str | None = None
+    # tool_call_id -> (name, channel) of the call, to name tool results and put them on its channel
+    calls: dict[str, tuple[str, str]] = {}
+    last_call: tuple[str, str] | None = None
     for i, msg in enumerate(messages):
         role = msg.get("role")
         if role in ("system", "developer"):
@@ -83,18 +104,18 @@ def build_conversation(messages: Sequence[dict], *, reasoning_effort: str = "med
         elif role == "user":
             body.append(Message.from_role_and_content(Role.USER, _text(msg.get("content"))))
         elif role == "assistant":
-            body.extend(_assistant_messages(msg, call_names))
+            body.extend(_assistant_messages(msg, calls, builtin))
             for call in msg.get("tool_calls") or []:
-                last_call = _function(call)[0]
+                last_call = (_function(call)[0], call.get("channel") or "commentary")
         elif role in ("tool", "function"):
-            name = msg.get("name") or call_names.get(msg.get("tool_call_id", "")) or last_call
+            call = calls.get(msg.get("tool_call_id", "")) or last_call
+            name = msg.get("name") or (call[0] if call else None)
             if not name:
                 raise ValueError(f"messages[{i}]: tool result without a name or known tool_call_id")
-            if "." not in name:  # function names have no dots; builtins (browser.search) do
-                name = "functions." + name
-            body.append(Message.from_author_and_content(Author.new(Role.TOOL, name),
+            channel = msg.get("channel") or (call[1] if call and call[0] == name else "commentary")
+            body.append(Message.from_author_and_content(Author.new(Role.TOOL, _recipient(name, builtin)),
                                                         _text(msg.get("content")))
-                        .with_channel("commentary").with_recipient("assistant"))
+                        .with_channel(channel).with_recipient("assistant"))
         else:
             raise ValueError(f"messages[{i}]: unknown role {role!r}")
 
@@ -109,23 +130,37 @@ def build_conversation(messages: Sequence[dict], *, reasoning_effort: str = "med
     return Conversation.from_messages(head + _drop_old_analysis(body))
 
 
-def _assistant_messages(msg: dict, call_names: dict[str, str]) -> list[Message]:
+def _recipient(name: str, builtin: set[str]) -> str:
+    """The harmony name of a tool: "functions.NAME" for function tools; built-in tools keep their
+    own ("browser.search", "python"), and so does any other dotted (namespaced) name."""
+    if name in builtin or "." in name:
+        return name
+    return "functions." + name
+
+
+def _assistant_messages(msg: dict, calls: dict[str, tuple[str, str]],
+                        builtin: set[str]) -> list[Message]:
     out = []
     reasoning = next((msg[k] for k in REASONING_KEYS if msg.get(k)), None)
     if reasoning:
         out.append(_assistant(_text(reasoning), "analysis"))
     content = _text(msg.get("content"))
-    calls = msg.get("tool_calls") or []
     if content:
         # Text beside tool calls is a preamble, which harmony puts on commentary. On final it
         # would also mark the turn as finished and get this turn's analysis dropped.
-        out.append(_assistant(content, "commentary" if calls else "final"))
-    for call in calls:
+        out.append(_assistant(content, "commentary" if msg.get("tool_calls") else "final"))
+    for call in msg.get("tool_calls") or []:
         name, arguments = _function(call)
+        channel = call.get("channel") or "commentary"
         if call.get("id"):
-            call_names[call["id"]] = name
-        out.append(_assistant(arguments, "commentary").with_recipient("functions." + name)
-                   .with_content_type("<|constrain|>json"))
+            calls[call["id"]] = (name, channel)
+        recipient = _recipient(name, builtin)
+        # Function calls are JSON under <|constrain|>json; built-in tools are called as the model
+        # calls them, with "code" unless the call says otherwise.
+        content_type = call.get("content_type") or (
+            "<|constrain|>json" if recipient.startswith("functions.") else "code")
+        out.append(_assistant(arguments, channel).with_recipient(recipient)
+                   .with_content_type(content_type))
     return out
 
 
@@ -165,8 +200,11 @@ def _drop_old_analysis(messages: list[Message]) -> list[Message]:
     library's auto_drop_analysis in openai-harmony 0.0.8 drops analysis only before the *first*
     final message (and only if the last assistant message is final), so a third turn still shows
     the second turn's reasoning (openai/harmony PR #96, unmerged). Analysis of a turn still in
-    progress (tool calls, no final yet) is kept."""
+    progress (tool calls, no final yet) is kept. Tool results on the analysis channel (a built-in
+    tool called while thinking) go with the analysis, as openai-harmony drops them: their call
+    is gone, and the model never saw a result without its call."""
     last_final = max((i for i, m in enumerate(messages)
                       if m.author.role == Role.ASSISTANT and m.channel == "final"), default=-1)
     return [m for i, m in enumerate(messages)
-            if not (i < last_final and m.author.role == Role.ASSISTANT and m.channel == "analysis")]
+            if not (i < last_final and m.author.role in (Role.ASSISTANT, Role.TOOL)
+                    and m.channel == "analysis")]
