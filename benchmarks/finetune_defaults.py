@@ -62,7 +62,8 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "ossgpt", "make-random", str(model), "--config",
                             "20b", "--layers", "4", "--layout", "hf"], check=True)
         results["20b-L4"] = [finetune(str(model), data, work / f"20b-{lr}", lr, "--steps", "12",
-                                      "--batch-tokens", "1024", "--val-split", "0.05")
+                                      "--batch-tokens", "1024", "--val-split", "0.05",
+                                      "--task-prompts", "0")
                              for lr in lrs]
     out = ROOT / "results" / "finetune_defaults.json"
     old = json.loads(out.read_text()) if out.exists() else {}

@@ -425,7 +425,8 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
              epochs: float | None = None, lr: float | None = None, batch_tokens: int = 4096,
              output: str = "checkpoints/finetune", resume: bool = False, val_split: float = 0.1,
              strict: bool = False, grad_checkpointing: bool = False, dtype: str = "float32",
-             micro_batch_tokens: int = 4096, trainable_tokens: str = "auto", seed: int = 0) -> None:
+             micro_batch_tokens: int = 4096, trainable_tokens: str = "auto", task_prompts: int = 64,
+             seed: int = 0) -> None:
     """Fine-tune on chat data (JSONL of OpenAI-style messages) with LoRA or fully; loss on the
     assistant's tokens. Writes a PEFT adapter (lora) or a checkpoint (full) under OUTPUT, with
     metrics.json and curve.png (the losses and the held-out task accuracy by step).
@@ -449,6 +450,8 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
     micro_batch_tokens: padded tokens per forward pass (gradients accumulate over a step)
     trainable_tokens: auto (the data's tokens without a trained embedding or unembedding row of
         their own get one, with lora), none, or comma-separated token ids
+    task_prompts: held-out conversations answered greedily at each evaluation for the task
+        accuracy (tool calls or answers matching the reference); 0 for none
     seed: data order and adapter initialisation
 
     Under torchrun (several processes, torch.distributed), each process takes a share of
@@ -507,7 +510,7 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
                       eval_every=max(1, steps // 10), save_every=max(1, min(50, steps // 10)))
     t0 = time.time()
     history = ft.run(net, train, val, cfg, out, batch_tokens, grad_checkpointing,
-                     progress=rank == 0, micro_tokens=micro_batch_tokens)
+                     progress=rank == 0, micro_tokens=micro_batch_tokens, task_prompts=task_prompts)
     seconds = time.time() - t0
     if rank != 0:
         dist.destroy_process_group()
@@ -525,7 +528,7 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
                "skipped_lines": len(problems), "trainable_tokens": len(token_ids),
                "final_loss": history[-1]["loss"] if history else None,
                "val_loss": last.get("eval_loss"),
-               **({metric: last[metric], "task_prompts": min(len(val), 64)} if metric else {})}
+               **({metric: last[metric], "task_prompts": min(len(val), task_prompts)} if metric else {})}
     if metric and evals[0]["step"] == 0 and metric in evals[0]:
         metrics[f"base_{metric}"] = evals[0][metric]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
