@@ -16,18 +16,19 @@ from .errors import OssgptError
 from .convert import commands as convert_commands
 from .inspect import commands as inspect_commands
 from .merge import commands as merge_commands
+from .train import commands as train_commands
 
 COMMANDS = {
     "generate": commands.generate,
     "chat": commands.chat,
     "make-random": commands.make_random,
-    "train-nano": commands.train_nano,
+    "train-nano": train_commands.train_nano,
     "eval-nano": commands.eval_nano,
     "eval": commands.evaluate,
     "serve": commands.serve,
-    "finetune": commands.finetune,
+    "finetune": train_commands.finetune,
     "bench": commands.bench,
-    "merge-adapter": commands.merge_adapter,
+    "merge-adapter": train_commands.merge_adapter,
     "merge": merge_commands.merge,
     "convert": convert_commands.convert,
     "inspect": {

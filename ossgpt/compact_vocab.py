@@ -101,14 +101,22 @@ class DistinctRowsLoss:
     many ids share it, as `CompactVocab.log_partition` does. Rows being trained (trainable tokens)
     are kept apart and passed to `loss`."""
 
-    def __init__(self, weight: torch.Tensor, trained_ids: torch.Tensor | None = None) -> None:
-        self.group, counts, first = group_rows(weight, trained_ids)
+    def __init__(self, weight: torch.Tensor, grouping: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                 ) -> None:
+        self.group, counts, first = grouping
         self.rows = weight.detach()[first]
         self.log_counts = counts.double().log().float()
-        self.vocab_size = len(weight)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @classmethod
+    def if_worth_it(cls, weight: torch.Tensor, trained_ids: torch.Tensor | None = None
+                    ) -> DistinctRowsLoss | None:
+        """The loss over `weight`'s distinct rows where under half of them are distinct (nano:
+        1,829 of 201,088), else None (a real checkpoint's rows are all distinct)."""
+        grouping = group_rows(weight, trained_ids)
+        return cls(weight, grouping) if len(grouping[2]) < len(weight) // 2 else None
 
     def loss_sum(self, h: torch.Tensor, targets: torch.Tensor, trained_rows: torch.Tensor | None = None,
                  trained_slot: torch.Tensor | None = None) -> torch.Tensor:

@@ -253,14 +253,12 @@ def chunked_loss(model: Transformer, batch: Batch, chunk: int = 256,
 
 
 def distinct_rows(model: Transformer) -> DistinctRowsLoss | None:
-    """The cheaper exact loss's table, where the unembedding is frozen and under half its rows
-    are distinct (nano: 1,829 of 201,088); else None."""
+    """The cheaper exact loss's table, where the unembedding is frozen and its rows repeat."""
     table = model.unembedding
     base = table.base if isinstance(table, TrainableRows) else table
     if base.weight.requires_grad:
         return None
-    distinct = DistinctRowsLoss(base.weight, table.ids if isinstance(table, TrainableRows) else None)
-    return distinct if len(distinct) < base.weight.shape[0] // 2 else None
+    return DistinctRowsLoss.if_worth_it(base.weight, table.ids if isinstance(table, TrainableRows) else None)
 
 
 def checkpoint_blocks(model: Transformer) -> None:
@@ -333,7 +331,9 @@ def run(model: Transformer, train: list[Chat], val: list[Chat], cfg: TrainConfig
     if grad_checkpointing:
         checkpoint_blocks(model)
     batches = batch_source(train, batch_tokens, cfg.seed, micro_tokens)
-    eval_batches = [make_batch(val[i:i + 16]) for i in range(0, len(val), 16)]
+    # Validation in micro-batches of about `micro_tokens` padded tokens, as training's.
+    per_eval = max(1, min(16, micro_tokens // max(len(c.tokens) for c in val))) if val else 1
+    eval_batches = [make_batch(val[i:i + per_eval]) for i in range(0, len(val), per_eval)]
     distinct = distinct_rows(model)
     probe = val[:task_prompts]
     metric = f"{task_metric_name(probe)}_accuracy" if probe else ""

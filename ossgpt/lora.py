@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+import torch.nn.functional as F
 from torch import nn
 
 from . import mxfp4
 from .errors import OssgptError
-from .model import Experts, Transformer
+from .model import Experts, Transformer, swiglu
 from .trainable_tokens import (PEFT_SUFFIX, PEFT_TABLES, SwitchRows, TrainableRows,
                                add_trainable_tokens, merge_tokens, trainable_ids)
 
@@ -86,8 +87,35 @@ class LoRALinear(nn.Module):
         return self.base(x) + (update * self.scale).to(x.dtype)
 
 
+class _FrozenProduct(torch.autograd.Function):
+    """x @ W^T for a frozen W made by `make()` (an expert dequantized from MXFP4), made again in
+    the backward pass instead of kept: a training step would otherwise hold every routed
+    expert's dense weights from its forward to its backward (6.4 GB a layer at 20b's size in
+    float32), which is what makes LoRA on the experts fit in a CPU's memory."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, make) -> torch.Tensor:
+        ctx.make = make
+        return F.linear(x, make())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.make(), None
+
+
+def _low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x A^T B^T (B already scaled), in the factors' dtype, never forming B A."""
+    return ((x.to(a.dtype) @ a.T) @ b.T).to(x.dtype)
+
+
 class _ExpertsWrapper(nn.Module):
-    """Experts over a frozen `base` Experts: MoE reads the biases through it."""
+    """Experts over a frozen `base` Experts plus a low-rank update per expert, applied to the
+    routed tokens (x A^T B^T) rather than added to the weights: no dense B A of each expert per
+    step. MoE reads the biases through it."""
+
+    def factors(self, e: int) -> tuple[torch.Tensor, ...] | None:
+        """Expert e's (mlp1 A, scaled mlp1 B, mlp2 A, scaled mlp2 B), or None for the base."""
+        raise NotImplementedError
 
     @property
     def mlp1_bias(self) -> torch.Tensor:
@@ -97,9 +125,18 @@ class _ExpertsWrapper(nn.Module):
     def mlp2_bias(self) -> torch.Tensor:
         return self.base.mlp2_bias
 
+    def mlp(self, e: int, x: torch.Tensor, limit: float) -> torch.Tensor:
+        dtype, base, f = x.dtype, self.base, self.factors(e)
+        h = _FrozenProduct.apply(x, lambda: base.weight(e, 0, dtype)) + self.mlp1_bias[e].to(dtype)
+        if f is not None:
+            h = h + _low_rank(x, f[0], f[1])
+        h = swiglu(h, limit)
+        y = _FrozenProduct.apply(h, lambda: base.weight(e, 1, dtype)) + self.mlp2_bias[e].to(dtype)
+        return y + _low_rank(h, f[2], f[3]) if f is not None else y
+
 
 class LoRAExperts(_ExpertsWrapper):
-    """Experts whose weights(e) add expert e's low-rank update to the (packed, frozen) base."""
+    """Experts with a trainable low-rank update per expert over the (packed, frozen) base."""
 
     def __init__(self, base: Experts, rank: int, scale: float) -> None:
         super().__init__()
@@ -117,10 +154,8 @@ class LoRAExperts(_ExpertsWrapper):
         return (self.mlp1_B[e] @ self.mlp1_A[e] * self.scale,
                 self.mlp2_B[e] @ self.mlp2_A[e] * self.scale)
 
-    def weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        w1, w2 = self.base.weights(e, dtype)
-        d1, d2 = self.deltas(e)
-        return w1 + d1.to(dtype), w2 + d2.to(dtype)
+    def factors(self, e: int) -> tuple[torch.Tensor, ...]:
+        return self.mlp1_A[e], self.mlp1_B[e] * self.scale, self.mlp2_A[e], self.mlp2_B[e] * self.scale
 
 
 def add_lora(model: Transformer, config: LoraConfig) -> list[nn.Parameter]:
@@ -349,18 +384,16 @@ class _SwitchExperts(_ExpertsWrapper):
     def __init__(self, base: Experts) -> None:
         super().__init__()
         self.base, self.active = base, None
-        self.factors: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.factors_by_name: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def add(self, name: str, lora: LoRAExperts) -> None:
-        self.factors[name] = tuple(t.detach() for t in (
+        self.factors_by_name[name] = tuple(t.detach() for t in (
             lora.mlp1_A, lora.mlp1_B * lora.scale, lora.mlp2_A, lora.mlp2_B * lora.scale))
 
-    def weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        w1, w2 = self.base.weights(e, dtype)
-        if self.active in self.factors:
-            a1, b1, a2, b2 = self.factors[self.active]
-            w1, w2 = w1 + (b1[e] @ a1[e]).to(dtype), w2 + (b2[e] @ a2[e]).to(dtype)
-        return w1, w2
+    def factors(self, e: int) -> tuple[torch.Tensor, ...] | None:
+        if self.active not in self.factors_by_name:
+            return None
+        return tuple(t[e] for t in self.factors_by_name[self.active])
 
 
 def _adapted_slots(model: Transformer):

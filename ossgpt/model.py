@@ -206,12 +206,21 @@ class Experts(nn.Module):
         self.mlp1_bias = nn.Parameter(torch.zeros(E, 2 * I))
         self.mlp2_bias = nn.Parameter(torch.zeros(E, C))
 
+    def weight(self, e: int, which: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert e's mlp1 (2I, C) (which=0) or mlp2 (C, I) (which=1) in `dtype`."""
+        name = ("mlp1", "mlp2")[which]
+        if self.packed:
+            return _dequantize(getattr(self, f"{name}_blocks")[e], getattr(self, f"{name}_scales")[e], dtype)
+        return getattr(self, f"{name}_weight")[e].to(dtype)
+
     def weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's (mlp1 (2I, C), mlp2 (C, I)) in `dtype`."""
-        if self.packed:
-            return (_dequantize(self.mlp1_blocks[e], self.mlp1_scales[e], dtype),
-                    _dequantize(self.mlp2_blocks[e], self.mlp2_scales[e], dtype))
-        return self.mlp1_weight[e].to(dtype), self.mlp2_weight[e].to(dtype)
+        return self.weight(e, 0, dtype), self.weight(e, 1, dtype)
+
+    def mlp(self, e: int, x: torch.Tensor, limit: float) -> torch.Tensor:
+        """Expert e on its tokens x (n, C) -> (n, C): mlp1, SwiGLU, mlp2."""
+        h = swiglu(F.linear(x, self.weight(e, 0, x.dtype), self.mlp1_bias[e].to(x.dtype)), limit)
+        return F.linear(h, self.weight(e, 1, x.dtype), self.mlp2_bias[e].to(x.dtype))
 
     def dequantized(self) -> "Experts":
         """These experts held dense in their biases' dtype, on their device (the same values:
@@ -267,9 +276,7 @@ class MoE(nn.Module):
         out = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
         for e in indices.unique().tolist():
             token, slot = torch.where(indices == e)
-            w1, w2 = self.experts.weights(e, t.dtype)
-            h = swiglu(F.linear(t[token], w1, self.experts.mlp1_bias[e].to(t.dtype)), self.limit)
-            y = F.linear(h, w2, self.experts.mlp2_bias[e].to(t.dtype))
+            y = self.experts.mlp(e, t[token], self.limit)
             out.index_add_(0, token, y.float() * gates[token, slot, None])
         return out
 

@@ -42,9 +42,9 @@ class FakeQuantExperts(Experts):
         super().__init__(config, packed=False)
         self.enabled = False
 
-    def weights(self, e: int, dtype: torch.dtype):
-        w1, w2 = super().weights(e, dtype)
-        return (_fake_mxfp4(w1), _fake_mxfp4(w2)) if self.enabled else (w1, w2)
+    def weight(self, e: int, which: int, dtype: torch.dtype) -> torch.Tensor:
+        w = super().weight(e, which, dtype)
+        return _fake_mxfp4(w) if self.enabled else w
 
 
 def _fake_mxfp4(w: torch.Tensor) -> torch.Tensor:

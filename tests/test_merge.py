@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 import ossgpt
-from ossgpt import commands
+from ossgpt.train import commands
 from ossgpt.checkpoint import write_random
 from ossgpt.lora import LoraConfig, add_lora, save_adapter
 from ossgpt.merge.driver import REPORT, Merger, run
