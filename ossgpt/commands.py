@@ -197,7 +197,7 @@ def _browser(corpus: str | None, search_url: str | None):
         backend = LocalCorpus(corpus)
     except ImportError as e:
         raise OssgptError(f"the browser's local corpus needs {e.name}: "
-                          "pip install 'ossgpt[tools]'") from None
+                          "pip install bm25s") from None
     except BackendError as e:
         raise OssgptError(f"--corpus: {e}") from None
     what = "indexed" if backend.built else "index loaded for"
@@ -208,13 +208,10 @@ def _browser(corpus: str | None, search_url: str | None):
 
 
 def _python_tool(unsandboxed: bool):
-    """--tools python: the notebook tool of ossgpt.tools.python, or None (said why) where this
-    install lacks it."""
-    try:
-        from .tools.python import PythonTool
-    except ImportError as e:
-        print(f"python tool is not available ({e}); chatting without it", file=sys.stderr)
-        return None
+    """--tools python: the sandboxed notebook (it refuses to run code, saying why, where this
+    machine cannot sandbox it and --python-unsandboxed was not given)."""
+    from .tools.python import PythonTool
+
     return PythonTool(unsandboxed=unsandboxed)
 
 

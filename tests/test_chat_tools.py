@@ -101,6 +101,21 @@ def test_chat_tools_dispatch(corpus, tmp_path):
     assert ChatTools()("browser.search", "{}") == "error: no tool named browser.search"
 
 
+def test_chat_tools_run_python_statefully(tmp_path):
+    from ossgpt.tools import sandbox
+    from ossgpt.tools.python import PythonTool
+
+    if sandbox.unavailable_reason() is not None:
+        pytest.skip(f"no sandbox here: {sandbox.unavailable_reason()}")
+    tools = ChatTools(python=PythonTool(scratch_root=tmp_path))
+    try:
+        assert tools.builtin_tools == ["python"]
+        tools("python", "x = 2")
+        assert tools("python", "print(x * 21)").strip() == "42"
+    finally:
+        tools.close()
+
+
 def run_cli(*args, stdin=None, env=None):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "ossgpt", *args], input=stdin, text=True,
@@ -114,10 +129,6 @@ def test_cli_chat_with_browser_and_python(corpus, tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"browser: indexed 2 documents in {corpus}" in out.stderr
     assert list((tmp_path / "cache" / "browser-index").iterdir())  # the index, in the cache
-    try:
-        import ossgpt.tools.python  # noqa: F401  (built on another branch)
-    except ImportError:
-        assert "python tool is not available" in out.stderr
 
 
 def test_cli_browser_needs_a_corpus_or_search_url():
