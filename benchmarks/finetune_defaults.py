@@ -30,9 +30,11 @@ CACHE = Path.home() / ".cache" / "ossgpt-bench" / "checkpoints"
 
 
 def finetune(model: str, data: Path, out: Path, lr: float, *extra: str) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "ossgpt", "finetune", "--model", model, "--data",
-                    str(data), "--output", str(out), "--lr", str(lr), *extra], check=True)
+    """One run, or the finished run already in `out` (the benchmark resumes where it stopped)."""
+    if not (out / "metrics.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "ossgpt", "finetune", "--model", model, "--data",
+                        str(data), "--output", str(out), "--lr", str(lr), *extra], check=True)
     history = torch.load(out / "train_state.pt", weights_only=False)["history"]
     evals = [h for h in history if "eval_loss" in h]
     acc = [h for h in evals if "tool_calls_accuracy" in h]
@@ -45,6 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--which", default="nano,20b")
     ap.add_argument("--lrs", default="5e-4,1e-3,2e-3,5e-3")
+    ap.add_argument("--lrs-20b", default="5e-4,2e-3,5e-3")
     ap.add_argument("--work", default="checkpoints/finetune-defaults")
     args = ap.parse_args()
     work = Path(args.work)
@@ -59,12 +62,12 @@ def main() -> None:
     if "20b" in args.which:
         model = CACHE / "20b-L1-hf"
         if not model.exists():
-            subprocess.run([sys.executable, "-m", "ossgpt", "make-random", str(model), "--config",
+            subprocess.run([sys.executable, "-m", "ossgpt", "make-random", "--output", str(model), "--config",
                             "20b", "--layers", "1", "--layout", "hf"], check=True)
-        results["20b-L1"] = [finetune(str(model), data, work / f"20b-{lr}", lr, "--steps", "8",
+        results["20b-L1"] = [finetune(str(model), data, work / f"20b-{lr}", lr, "--steps", "6",
                                       "--batch-tokens", "512", "--val-split", "0.01",
                                       "--task-prompts", "0")
-                             for lr in lrs]
+                             for lr in [float(x) for x in args.lrs_20b.split(",")]]
     out = ROOT / "results" / "finetune_defaults.json"
     old = json.loads(out.read_text()) if out.exists() else {}
     out.write_text(json.dumps({**old, **results}, indent=2))

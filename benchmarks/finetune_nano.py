@@ -57,32 +57,37 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--work", default="checkpoints/finetune-nano")
+    ap.add_argument("--reuse", action="store_true",
+                    help="evaluate the finished run in --work again (e.g. with more --n-eval)")
     args = ap.parse_args()
 
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    reuse = args.reuse and (work / "run" / "metrics.json").exists()
+    if not reuse:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        write_data(work / "train.jsonl", args.n_new, args.n_replay)
     data = work / "train.jsonl"
-    write_data(data, args.n_new, args.n_replay)
     base = ossgpt.load("nano", dtype=torch.float32, progress=False)
     before = accuracy(base, args.n_eval)
     print("before:", before, flush=True)
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "ossgpt", "finetune", "--data", str(data),
-                    "--output", str(work / "run"), "--steps", str(args.steps),
-                    "--batch-tokens", str(args.batch_tokens),
-                    "--lora-rank", str(args.rank), "--lr", str(args.lr), "--val-split", "0.02"],
-                   check=True)
-    seconds = time.time() - t0
+    if not reuse:
+        subprocess.run([sys.executable, "-m", "ossgpt", "finetune", "--data", str(data),
+                        "--output", str(work / "run"), "--steps", str(args.steps),
+                        "--batch-tokens", str(args.batch_tokens), "--lora-rank", str(args.rank),
+                        "--lr", str(args.lr), "--val-split", "0.02"], check=True)
+    run_metrics = json.loads((work / "run" / "metrics.json").read_text())
+    seconds = run_metrics["seconds"] if reuse else time.time() - t0
     tuned = ossgpt.load("nano", dtype=torch.float32, progress=False)
     load_adapter(tuned, work / "run" / "adapter")
     after = accuracy(tuned, args.n_eval)
     print("after:", after, flush=True)
-    result = {"steps": args.steps, "batch_tokens": args.batch_tokens, "rank": args.rank,
+    result = {"steps": args.steps, "batch_tokens": args.batch_tokens, "rank": args.rank, "n_eval": args.n_eval,
               "lr": args.lr,
               "train_lines": args.n_new + args.n_replay, "finetune_seconds": round(seconds, 1),
               "threads": torch.get_num_threads(), "before": before, "after": after,
-              "run_metrics": json.loads((work / "run" / "metrics.json").read_text())}
+              "run_metrics": run_metrics}
     out = ROOT / "results" / "finetune_nano.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
