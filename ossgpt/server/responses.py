@@ -134,7 +134,13 @@ class ResponsesAPI:
         tools, schemas, choice = _tools(req)
         builtin = self.builtin.requested(req.tools)
         effort = (req.reasoning.effort if req.reasoning else None) or "medium"
+        # Built-in tools the history called are declared too, so their calls render as the
+        # model wrote them; only the requested ones run.
+        used = {"python" if c["function"]["name"] == "python" else "browser"
+                for m in messages for c in m.get("tool_calls") or []
+                if is_builtin(c.get("function", {}).get("name", ""))}
         p = {"messages": messages, "id": _id("resp"), "created": int(time.time()),
+             "declared": builtin + sorted(used - set(builtin)),
              "effort": effort, "tool_choice": req.tool_choice or "auto", "tools": tools,
              "schemas": schemas, "choice": choice, "json_schema": _json_schema(req),
              "builtin": builtin, "adapter": adapter, "rounds": [], "session": None}
@@ -150,7 +156,7 @@ class ResponsesAPI:
         with tokenizing("input"):
             prompt = render_prompt(p["messages"], reasoning_effort=p["effort"],
                                    developer=req.instructions, tools=p["tools"] or None,
-                                   builtin_tools=p["builtin"])
+                                   builtin_tools=p["declared"])
         requested = req.max_output_tokens
         if p["rounds"]:   # after a tool call: what is left of the budget and of the context
             used = sum(run.completion_tokens for _, run in p["rounds"])
