@@ -14,6 +14,7 @@ from .harmony import (BUILTIN_CALLS, Reply, ReplyDelta, ReplyParser, ToolCall, r
                       stop_tokens)
 from .model import Transformer
 from .sampling import SamplingParams
+from .tools.builtin import call_entry, run_builtin, tool_message
 
 
 class ChatSession:
@@ -62,11 +63,8 @@ class ChatSession:
             assistant["reasoning"] = reply.reasoning
         if reply.tool_calls:
             # channel and content type kept: history renders the call as the model wrote it
-            assistant["tool_calls"] = [
-                {"id": f"call_{len(self.history)}_{i}", "type": "function",
-                 "channel": c.channel, "content_type": c.content_type,
-                 "function": {"name": c.name, "arguments": c.arguments}}
-                for i, c in enumerate(reply.tool_calls)]
+            assistant["tool_calls"] = [call_entry(f"call_{len(self.history)}_{i}", c)
+                                       for i, c in enumerate(reply.tool_calls)]
         self.history = messages + [assistant]
 
     def _generate(self, prompt: list[int],
@@ -122,13 +120,10 @@ class ChatTools:
         return [name for name, tool in (("browser", self.browser), ("python", self.python)) if tool]
 
     def __call__(self, name: str, arguments: str) -> str:
-        if name.startswith("browser.") and self.browser is not None:
-            return self.browser.call(name.removeprefix("browser."), arguments)
-        if name == "python" and self.python is not None:
-            try:
-                return self.python.run("chat", arguments)
-            except Exception as e:  # the model reads the failure; the chat goes on
-                return f"python tool error: {type(e).__name__}: {e}"
+        output = run_builtin(name, arguments, browser=self.browser, python=self.python,
+                             session="chat")
+        if output is not None:
+            return output
         if self.run_function is not None:
             return self.run_function(name, arguments)
         return f"error: no tool named {name}"
@@ -152,8 +147,7 @@ def tool_results(calls: list[ToolCall], run_tool: ToolRunner | None,
             console.print(f"← {shown}", style="cyan", markup=False, highlight=False)
         else:   # no tool runner: the user plays the tool and types its result
             output = console.input(f"[cyan]{call.name} result> [/]")
-        results.append({"role": "tool", "name": call.name, "channel": call.channel,
-                        "content": output})
+        results.append(tool_message(call, output))
     return results
 
 

@@ -183,16 +183,23 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
 
 
 def _browser(corpus: str | None, search_url: str | None):
-    """--tools browser: its backend, a local folder (--corpus) or the web (--search-url)."""
-    if corpus and search_url:
-        raise OssgptError("--corpus and --search-url: give one (a folder, or a search endpoint)")
-    from .tools.browser import BackendError, BrowserTool, LocalCorpus, WebBackend
+    """--tools browser: a BrowserTool over --corpus or --search-url."""
+    from .tools.browser import BrowserTool
 
-    if search_url:
-        return BrowserTool(WebBackend(search_url))
-    if not corpus:
+    if not corpus and not search_url:
         raise OssgptError("--tools browser needs --corpus DIR (a folder of documents) "
                           "or --search-url URL (a SearXNG-style JSON search endpoint)")
+    return BrowserTool(_browser_backend(corpus, search_url))
+
+
+def _browser_backend(corpus: str | None, search_url: str | None):
+    """The browser's backend: a local folder (--corpus) or the web (--search-url)."""
+    if corpus and search_url:
+        raise OssgptError("--corpus and --search-url: give one (a folder, or a search endpoint)")
+    from .tools.browser import BackendError, LocalCorpus, WebBackend
+
+    if search_url:
+        return WebBackend(search_url)
     try:
         backend = LocalCorpus(corpus)
     except ImportError as e:
@@ -204,7 +211,7 @@ def _browser(corpus: str | None, search_url: str | None):
     print(f"browser: {what} {len(backend.paths)} documents in {backend.root}", file=sys.stderr)
     for note in backend.notes:
         print(f"browser: {note}", file=sys.stderr)
-    return BrowserTool(backend)
+    return backend
 
 
 def _python_tool(unsandboxed: bool):
@@ -332,7 +339,9 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
           max_queue: int = 256, served_name: str | None = None, device: str = "auto",
           dtype: str = "bfloat16", adapter: str | None = None,
           batch_invariant: bool = False, steer: str | None = None, store: str | None = None,
-          prefix_cache_gb: float = 1.0, prefill_chunk: int = 256) -> None:
+          prefix_cache_gb: float = 1.0, prefill_chunk: int = 256, corpus: str | None = None,
+          search_url: str | None = None, python: bool = True,
+          python_unsandboxed: bool = False) -> None:
     """Serve the model behind an OpenAI-compatible HTTP API (chat completions, responses,
     completions) with continuous batching.
 
@@ -351,10 +360,15 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
     steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated; every request is answered steered
     store: SQLite file keeping the Responses API's stored responses across restarts (default: responses.sqlite in the user's data folder, e.g. ~/.local/share/ossgpt); :memory: keeps them until the server stops
     prefix_cache_gb: memory for the keys and values of recent prompts, reused by prompts that begin alike (the next turn of a conversation, a shared system prompt); 0 turns it off
-    prefill_chunk: prompt tokens prefilled between two decode steps of running requests (smaller: shorter stalls for them, slower prefill)"""
+    prefill_chunk: prompt tokens prefilled between two decode steps of running requests (smaller: shorter stalls for them, slower prefill)
+    corpus: the Responses API's web_search_preview tool runs gpt-oss's browser over this folder of .md, .txt, .html and .pdf files (indexed on first use)
+    search_url: web_search_preview searches the web through this SearXNG-style JSON endpoint (.../search) instead of --corpus
+    python: the Responses API runs code_interpreter requests' code with gpt-oss's python tool, sandboxed (--no-python: such requests get a 400)
+    python_unsandboxed: run that code without its sandbox (a trusted machine and clients only)"""
     import uvicorn
 
     from .server.app import create_app
+    from .server.builtin_tools import BuiltinTools
     from .server.store import ResponseStore, default_path
 
     if store:
@@ -377,11 +391,13 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
                 raise OssgptError(f"--adapter wants NAME=DIR, got {item!r}")
             adapters[name.strip()] = path.strip()
     steers = _read_steers(steer)
+    builtin = BuiltinTools(_browser_backend(corpus, search_url) if corpus or search_url else None,
+                           _python_tool(python_unsandboxed) if python else None)
     net = _load(model, device, dtype)
     app = create_app(net, served_name or model, api_key=api_key, max_batch=max_batch,
                      max_model_len=max_model_len, max_queue=max_queue, adapters=adapters,
                      batch_invariant=batch_invariant, store=responses, prefix_cache_gb=prefix_cache_gb,
-                     prefill_chunk=prefill_chunk)
+                     prefill_chunk=prefill_chunk, builtin_tools=builtin)
     with _steered(net, steers):
         print(f"Serving {served_name or model} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)

@@ -22,6 +22,7 @@ class ReplyDelta:
     recipient: str | None
     text: str
     call: str | None = None
+    content_type: str | None = None   # of a call: "code", "<|constrain|>json", ...
 
 
 @dataclass
@@ -173,7 +174,8 @@ class ReplyParser:
             tail = text  # held back until now: the arguments, or the text of a call cut short
         if not tail and complete is None:
             return None
-        return ReplyDelta(header.channel or "final", header.recipient, tail, complete)
+        return ReplyDelta(header.channel or "final", header.recipient, tail, complete,
+                          header.content_type if complete else None)
 
     def _header_only(self, header: Header) -> ReplyDelta | None:
         """A header that never got <|message|>: its text (see read_header) is the content."""

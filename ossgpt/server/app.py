@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from . import chat_completions, completions, page
+from .builtin_tools import BuiltinTools
 from .engine import Engine
 from .generation import Limits
 from .metrics import Metrics
@@ -81,12 +82,15 @@ def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
                max_batch: int = 16, max_model_len: int | None = None,
                max_queue: int = 256, adapters: dict[str, str] | None = None,
                batch_invariant: bool = False, store: str | ResponseStore = ":memory:",
-               prefix_cache_gb: float = 0.0, prefill_chunk: int = 256) -> FastAPI:
+               prefix_cache_gb: float = 0.0, prefill_chunk: int = 256,
+               builtin_tools: BuiltinTools | None = None) -> FastAPI:
     """`adapters`: LoRA adapters (name -> PEFT directory) served beside the base model; a
     request picks one by sending its name as `model`. `batch_invariant`: each request's tokens
     depend on its prompt and seed alone, not on what shares the batch (engine.py). `store`: the
     SQLite file (or an open ResponseStore) that keeps stored responses across restarts
-    (store.py); ":memory:" keeps them for this app's life."""
+    (store.py); ":memory:" keeps them for this app's life. `builtin_tools`: the browser backend
+    and python tool the Responses API runs for requests listing web_search_preview or
+    code_interpreter (builtin_tools.py); None: neither."""
     if adapters:
         from ..lora import load_adapters
         load_adapters(model, adapters)
@@ -98,13 +102,15 @@ def create_app(model, model_name: str = "nano", *, api_key: str | None = None,
     context = model.config.initial_context_length * (model.config.rope_scaling_factor or 1)
     limits = Limits(min(max_model_len or context, context))
     stored = store if isinstance(store, ResponseStore) else ResponseStore(store)
-    responses = ResponsesAPI(engine, limits, stored)
+    builtin = builtin_tools or BuiltinTools()
+    responses = ResponsesAPI(engine, limits, stored, builtin)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         engine.shutdown()
         stored.close()
+        builtin.close()
 
     app = FastAPI(title="ossgpt", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits

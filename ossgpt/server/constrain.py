@@ -71,6 +71,9 @@ def _headers() -> dict[str, list[int]]:
 
 
 def _tool_header(name: str) -> list[int]:
+    if "." in name:  # a built-in tool ("browser.search"): called on analysis, as harmony renders
+        return get_tokenizer().encode(
+            f"<|start|>assistant to={name}<|channel|>analysis code<|message|>", allow_special=True)
     return get_tokenizer().encode(
         f"<|start|>assistant to=functions.{name}<|channel|>commentary <|constrain|>json<|message|>",
         allow_special=True)

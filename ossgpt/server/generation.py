@@ -142,11 +142,14 @@ class ReplyRun:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # answer tokens only
     reasoning: str = ""
     content: str = ""
-    calls: list[dict] = field(default_factory=list)   # {"name", "arguments"}
+    calls: list[dict] = field(default_factory=list)   # {"name", "arguments", "channel", "content_type"}
+    builtin: tuple[str, ...] = ()   # built-in tools' calls it may report ("browser.search", ...)
 
     async def pieces(self) -> AsyncIterator[Piece]:
-        # The functions the constraint let the reply call, and so the only calls it reports.
-        parser = ReplyParser(self.seq.constraint.tools if self.seq.constraint else ())
+        # The functions the constraint let the reply call, and so the only calls it reports,
+        # and the built-in tools the prompt declared (their calls are not constrained).
+        parser = ReplyParser({*(self.seq.constraint.tools if self.seq.constraint else ()),
+                              *self.builtin})
         held = ""            # answer text held back while it could begin a stop string
         stopped = False
         async for event in self.engine.stream(self.seq):
@@ -163,7 +166,8 @@ class ReplyRun:
                 if d is None:
                     continue
                 if d.call:  # a complete call, its arguments whole
-                    self.calls.append({"name": d.call, "arguments": d.text})
+                    self.calls.append({"name": d.call, "arguments": d.text,
+                                       "channel": d.channel, "content_type": d.content_type})
                     yield Piece("call", d.call, len(self.calls) - 1)
                     yield Piece("arguments", d.text, len(self.calls) - 1)
                 elif d.channel == "analysis":

@@ -109,6 +109,7 @@ class ResponsesRequest(Sampling):
     max_output_tokens: int | None = Field(None, ge=1)
     stream: StrictBool = False   # strict: "yes" or 1 is a 400, not a stream
     previous_response_id: str | None = None
+    max_tool_calls: int | None = Field(None, ge=0)
     store: bool = True
     text: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
