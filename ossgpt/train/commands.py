@@ -145,7 +145,7 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
     metrics = {"steps": steps, "lr": cfg.lr, "seconds": round(seconds, 1),
                "train_conversations": len(train), "val_conversations": len(val),
                "skipped_lines": len(problems), "trainable_tokens": len(token_ids),
-               "final_loss": history[-1]["loss"] if history else None,
+               "final_loss": history[-1].get("loss") if history else None,
                "val_loss": last.get("eval_loss"),
                **({metric: last[metric], "task_prompts": min(len(val), task_prompts)} if metric else {})}
     if metric and evals[0]["step"] == 0 and metric in evals[0]:
