@@ -6,7 +6,8 @@ Process tree, from the parent's side:
   P0  `python -c`: joins the pids cgroup (where given), makes new user, mount, network, IPC, UTS
       and PID namespaces, forks P1 and waits for it.
   P1  pid 1 of the new PID namespace: mounts a fresh /proc, a tmpfs on /mnt with the scratch
-      folder bound at /mnt/data and the session's tmp folder bound at /tmp; forks P2, reaps
+      folder bound at /mnt/data and the session's tmp folder bound at /tmp (unless Python is
+      installed under /tmp); forks P2, reaps
       orphans, and exits when P2 does (the kernel then kills everything left in the namespace).
   P2  sets the resource limits, no_new_privs, Landlock (files, TCP, signals, abstract sockets)
       and a seccomp filter, then runs the REPL loop or the one-shot program.
@@ -130,8 +131,13 @@ def make_mounts(cfg, info):
     os.mkdir("/mnt/data")
     _mount(cfg["scratch"], "/mnt/data", None, MS_BIND | MS_REC)
     info["data"] = "/mnt/data"
+    # Python itself (e.g. a virtualenv made under /tmp) must stay visible: then the session's
+    # tmp folder is used by its own path instead of covering /tmp.
+    if any(p == "/tmp" or p.startswith("/tmp/") for p in cfg["read_paths"]):
+        return
     # last: the scratch folder's own path may lie under /tmp, which this covers
     _mount(cfg["tmp"], "/tmp", None, MS_BIND | MS_REC)
+    info["tmp"] = "/tmp"
 
 
 # -- P2: limits, Landlock, seccomp ---------------------------------------------------------------
@@ -300,7 +306,7 @@ def main(cfg):
         os._exit(SETUP_FAILED)
     home = info["data"] or cfg["scratch"]
     os.chdir(home)
-    os.environ.update(HOME=home, TMPDIR="/tmp" if info["data"] else cfg["tmp"])
+    os.environ.update(HOME=home, TMPDIR=info.get("tmp") or cfg["tmp"])
     del sys.argv[1:]
     if cfg["mode"] == "repl":
         repl(control_fd, info)
