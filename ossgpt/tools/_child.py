@@ -7,7 +7,8 @@ Process tree, from the parent's side:
       and PID namespaces, forks P1 and waits for it.
   P1  pid 1 of the new PID namespace: mounts a fresh /proc, a tmpfs on /mnt with the scratch
       folder bound at /mnt/data and the session's tmp folder bound at /tmp (unless Python is
-      installed under /tmp); forks P2, reaps orphans, and exits when P2 does (the kernel then kills everything left in the namespace).
+      installed under /tmp); forks P2, reaps orphans, and exits when P2 does (the kernel then
+      kills everything left in the namespace).
   P2  sets the resource limits, no_new_privs, Landlock (files, TCP, signals, abstract sockets)
       and a seccomp filter, then runs the REPL loop or the one-shot program.
 Any setup failure prints "ossgpt sandbox: ..." on stderr and exits with SETUP_FAILED: the parent
