@@ -67,7 +67,7 @@ def test_steps_get_the_same_data_whatever_happened_before(data: Path) -> None:
 def _finetune(model: Path, data: Path, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ossgpt", "finetune", "--model", str(model), "--data", str(data),
            "--output", str(out), "--steps", "16", "--batch-tokens", "512", "--lr", "1e-2",
-           "--target", "attention,experts,router", *extra]
+           "--target", "attention,experts,router", "--task-prompts", "0", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -111,7 +111,8 @@ def test_kill_9_then_resume_continues_the_same_loss_curve(tiny_original, data, t
 def test_two_gloo_processes_match_one_process(tiny_original, data, tmp_path) -> None:
     """torchrun with 2 CPU processes (gloo) on the same global batches: the same losses."""
     args = ["--model", str(tiny_original), "--data", str(data), "--steps", "4",
-            "--batch-tokens", "1024", "--micro-batch-tokens", "256", "--lr", "1e-2"]
+            "--batch-tokens", "1024", "--micro-batch-tokens", "256", "--lr", "1e-2",
+            "--task-prompts", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "ossgpt", "finetune", *args,
                           "--output", str(tmp_path / "one")], env=env, capture_output=True)
