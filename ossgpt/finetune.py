@@ -3,7 +3,7 @@ with harmony, loss on the assistant's tokens only, LoRA (PEFT-format adapter out
 (checkpoint out), through the same Trainer as nano (exact resume, atomic checkpoints).
 
 Data lines: {"messages": [...], "tools"?: [...], "reasoning_effort"?: "low|medium|high",
-"date"?: "YYYY-MM-DD"}. Assistant reasoning may be given as `reasoning`, `reasoning_content` or
+"date"?: "YYYY-MM-DD", "builtin_tools"?: ["browser", "python"]}. Assistant reasoning may be given as `reasoning`, `reasoning_content` or
 `thinking`. What is trained: the assistant turns after the last user message (reasoning, tool
 calls and the final answer); earlier turns are history, rendered as harmony renders history.
 """
@@ -59,7 +59,11 @@ def _example(record: object) -> Example:
     effort = record.get("reasoning_effort", "medium")
     if effort not in ("low", "medium", "high"):
         raise ValueError(f"reasoning_effort must be low, medium or high, not {effort!r}")
-    return Example("chat", messages, record.get("tools"), effort, str(record.get("date", "")))
+    builtin = record.get("builtin_tools") or []
+    if not isinstance(builtin, list) or not all(isinstance(b, str) for b in builtin):
+        raise ValueError('"builtin_tools" must be a list of names ("browser", "python")')
+    return Example("chat", messages, record.get("tools"), effort, str(record.get("date", "")),
+                   builtin_tools=tuple(builtin))
 
 
 def _records(source: str):
@@ -279,6 +283,10 @@ def _matches(reply, want: dict, offered: set[str]) -> bool:
                   for c in want.get("tool_calls") or []]
     if not want_calls:
         return not reply.tool_calls and reply.content.strip() == (want.get("content") or "").strip()
+    if any(name == "python" for name, _ in want_calls):  # code, not JSON: compared as text
+        return ("python" in offered and [(c.name, c.arguments.strip()) for c in reply.tool_calls]
+                == [(c["function"]["name"], c["function"]["arguments"].strip())
+                    for c in want["tool_calls"]])
     got = [(c.name, json_object(c.arguments)) for c in reply.tool_calls]
     return len(got) == len(want_calls) and all(
         name == w_name and name in offered and args is not None and args.keys() == w_args.keys()
@@ -302,7 +310,7 @@ def task_accuracy(model: Transformer, chats: list[Chat], max_tokens: int = 192,
                   batch_size: int = 16) -> float:
     """Share of prompts whose greedy first reply matches the reference turn's (`_matches`)."""
     from .generate import generate
-    from .harmony import parse_reply, stop_tokens
+    from .harmony import BUILTIN_CALLS, parse_reply, stop_tokens
     from .sampling import SamplingParams
 
     was_training = model.training
@@ -316,6 +324,7 @@ def task_accuracy(model: Transformer, chats: list[Chat], max_tokens: int = 192,
             replies[ev.row].append(ev.token)
         for c, tokens in zip(part, replies):
             offered = {(t.get("function") or t).get("name") for t in c.example.tools or []}
+            offered.update(call for b in c.example.builtin_tools for call in BUILTIN_CALLS[b])
             right += _matches(parse_reply(tokens), _reference(c), offered)
     model.train(was_training)
     return right / max(1, len(chats))

@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from openai_harmony import Message, Role
 
-from ..harmony import Reply, parse_reply, render_prompt
+from ..harmony import BUILTIN_CALLS, Reply, parse_reply, render_prompt
 from ..tokenizer import CALL, END, RETURN, harmony_encoding
 
 if TYPE_CHECKING:  # only for annotations: tasks imports this module
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # only for annotations: tasks imports this module
 def render_options(ex: Example) -> dict[str, Any]:
     """The `render_prompt` keyword arguments of an example (what `ossgpt chat` would pass)."""
     return dict(reasoning_effort=ex.reasoning_effort, developer=ex.developer, tools=ex.tools,
-                date=ex.date)
+                date=ex.date, builtin_tools=ex.builtin_tools)
 
 
 def trained_turns(messages: list[dict]) -> list[tuple[int, int]]:
@@ -54,10 +55,12 @@ def trained_turns(messages: list[dict]) -> list[tuple[int, int]]:
     return turns
 
 
-def _harmony_messages(msg: dict) -> list[Message]:
+def _harmony_messages(msg: dict, builtin: set[str]) -> list[Message]:
     """One OpenAI-style assistant message as harmony messages, in the layout `render_prompt`
     uses for history: analysis, then content (final; commentary beside tool calls), then
-    each call on commentary to functions.NAME with <|constrain|>json."""
+    each call on commentary to functions.NAME with <|constrain|>json, or, for a built-in tool
+    (`builtin`: "browser.search", "python", ...), to its own name with "code"; a call's own
+    `channel` and `content_type` win, as in `render_prompt`."""
     out = []
     if msg.get("reasoning"):
         out.append(Message.from_role_and_content(Role.ASSISTANT, msg["reasoning"])
@@ -68,18 +71,23 @@ def _harmony_messages(msg: dict) -> list[Message]:
                    .with_channel("commentary" if calls else "final"))
     for call in calls:
         fn = call["function"]
+        own = fn["name"] in builtin
         out.append(Message.from_role_and_content(Role.ASSISTANT, fn["arguments"])
-                   .with_channel("commentary").with_recipient("functions." + fn["name"])
-                   .with_content_type("<|constrain|>json"))
+                   .with_channel(call.get("channel") or "commentary")
+                   .with_recipient(fn["name"] if own else "functions." + fn["name"])
+                   .with_content_type(call.get("content_type")
+                                      or ("code" if own else "<|constrain|>json")))
     return out
 
 
-def _turn_tokens(msgs: list[dict], prompt: list[int]) -> list[int]:
+def _turn_tokens(msgs: list[dict], prompt: list[int],
+                 builtin_tools: Sequence[str] = ()) -> list[int]:
     """The tokens the model generates for one turn, after the prompt's `<|start|>assistant`."""
     enc = harmony_encoding()
+    builtin = {call for b in builtin_tools for call in BUILTIN_CALLS[b]}
     tokens: list[int] = []
     for m in msgs:
-        for hm in _harmony_messages(m):
+        for hm in _harmony_messages(m, builtin):
             tokens += enc.render(hm)
     if tokens[:2] != prompt[-2:]:
         raise ValueError("the prompt does not end with the turn's <|start|>assistant")
@@ -120,7 +128,7 @@ def render_example(ex: Example, check: bool = True) -> tuple[list[int], list[int
             raise ValueError(f"the prompt before message {start} does not extend the tokens so far")
         mask += [0] * (len(prompt) - len(tokens))
         tokens = list(prompt)
-        turn = _turn_tokens(ex.messages[start:end], prompt)
+        turn = _turn_tokens(ex.messages[start:end], prompt, ex.builtin_tools)
         if check:
             _check_round_trip(ex.messages[start:end], turn)
         tokens += turn
@@ -139,7 +147,7 @@ def prompt_tokens(ex: Example) -> list[int]:
 def gold_turn(ex: Example) -> list[int]:
     """The tokens of the example's own first trained turn (a perfect model's reply)."""
     start, end = trained_turns(ex.messages)[0]
-    return _turn_tokens(ex.messages[start:end], prompt_tokens(ex))
+    return _turn_tokens(ex.messages[start:end], prompt_tokens(ex), ex.builtin_tools)
 
 
 # -- scoring -------------------------------------------------------------------------------------
@@ -174,22 +182,29 @@ def score(example: Example, reply: Reply) -> dict[str, bool]:
     against `example.expected`: {"well_formed", "correct"}.
 
     well_formed: the reply parsed cleanly into analysis + final, or into tool calls whose
-    arguments are JSON objects. right_tool (examples that expect a call): the first call names
-    the expected function and its arguments are a JSON object. correct: the answer number is the last number of the final
-    content; the capital (or country) is named; the reversed list appears; the tool and its
-    arguments match (strings case-insensitively, numbers within 1e-6); a refusal is
-    recognised; small talk mentions the expected words. Answers must not call tools."""
+    arguments are JSON objects (python's: code). right_tool (examples that expect a call): the
+    first call names the expected function and its arguments are a JSON object (python: some
+    code). correct: the answer number is the last number of the final content; the capital (or
+    country) is named; the reversed list appears; the tool and its arguments match (strings
+    case-insensitively, numbers within 1e-6; python: the same code); a refusal is recognised;
+    small talk mentions the expected words. Answers must not call tools. The answer after a
+    tool result (`final_contains`) is scored by `ossgpt.data.tool_loop`."""
     channels = {m.channel for m in reply.messages if m.role == "assistant"}
-    args = [json_object(c.arguments) for c in reply.tool_calls]
+    # The python tool's argument is code; every other tool takes a JSON object.
+    args = [c.arguments if c.name == "python" else json_object(c.arguments)
+            for c in reply.tool_calls]
     if reply.tool_calls:
         well_formed = reply.well_formed and all(a is not None for a in args)
     else:
         well_formed = reply.well_formed and {"analysis", "final"} <= channels
     exp, content = example.expected, reply.content
-    if "tool" in exp:
+    right_tool = (bool(reply.tool_calls) and reply.tool_calls[0].name == exp.get("tool")
+                  and args[0] is not None and (not isinstance(args[0], str) or args[0].strip()))
+    if "code" in exp:  # python: the same code (stripped)
+        correct = right_tool and args[0].strip() == exp["code"]
+    elif "tool" in exp:
         want = exp["arguments"]
-        correct = (bool(reply.tool_calls) and reply.tool_calls[0].name == exp["tool"]
-                   and args[0] is not None and args[0].keys() == want.keys()
+        correct = (right_tool and args[0].keys() == want.keys()
                    and all(same_value(args[0][k], v) for k, v in want.items()))
     elif reply.tool_calls:
         correct = False
@@ -206,7 +221,6 @@ def score(example: Example, reply: Reply) -> dict[str, bool]:
     else:
         correct = re.search(rf"\b{re.escape(exp['answer'])}\b", content, re.IGNORECASE) is not None
     out = {"well_formed": bool(well_formed), "correct": bool(correct)}
-    if "tool" in exp:  # the call alone: the right function with a JSON object for arguments
-        out["right_tool"] = (bool(reply.tool_calls) and reply.tool_calls[0].name == exp["tool"]
-                             and args[0] is not None)
+    if "tool" in exp:  # the call alone: the right function with a JSON object (python: code)
+        out["right_tool"] = bool(right_tool)
     return out

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..demo_tools import DEMO_TOOLS, UNKNOWN_PLACES, WEATHER, sample_exchange
+from .builtin_tools import browser_draft, python_draft
 
 FAMILIES = ("addition", "subtraction", "capitals", "strings", "tools", "refusal", "smalltalk")
 # Arithmetic is the hardest to learn (carries, borrows, number <-> digit mappings): weight it.
@@ -75,6 +76,7 @@ class Example:
     developer: str | None = None
     expected: dict = field(default_factory=dict)
     key: tuple = ()  # what the split hashes: (family whose rule applies, item...)
+    builtin_tools: tuple[str, ...] = ()  # "browser", "python": declared in the system message
 
 
 def _ex(key: tuple, messages: Messages, expected: dict, tools: list[dict] | None = None,
@@ -366,6 +368,19 @@ def _local_time(rng: random.Random) -> Example:
                tools)
 
 
+# -- built-in tools: browser and python (ossgpt/data/builtin_tools.py), never in nano's mixture ----
+def _builtin(draft: Callable[[random.Random], tuple]) -> Callable[[random.Random], Example]:
+    def make(rng: random.Random) -> Example:
+        key, msgs, expected, builtin = draft(rng)
+        ex = _ex(key, msgs, expected)
+        ex.builtin_tools = builtin
+        return ex
+    return make
+
+
+_browser, _python = _builtin(browser_draft), _builtin(python_draft)
+
+
 def chat_record(ex: Example) -> dict:
     """An example as a line of chat fine-tuning data (`ossgpt finetune --data`)."""
     dev = [{"role": "developer", "content": ex.developer}] if ex.developer else []
@@ -373,6 +388,8 @@ def chat_record(ex: Example) -> dict:
               "date": ex.date}
     if ex.tools:
         record["tools"] = ex.tools
+    if ex.builtin_tools:
+        record["builtin_tools"] = list(ex.builtin_tools)
     return record
 
 
@@ -382,7 +399,7 @@ _GENERATORS: dict[str, tuple[Callable[[random.Random], Example], float]] = {
     "addition": (_addition, 0.1), "subtraction": (_subtraction, 0.1), "capitals": (_capitals, 0.2),
     "strings": (_strings, 0.1), "tools": (_tools, 0.15), "refusal": (_refusal, 0.2),
     "smalltalk": (_smalltalk, 0.2), "multiplication": (_multiplication, 0.2),
-    "local_time": (_local_time, 0.2),
+    "local_time": (_local_time, 0.2), "browser": (_browser, 0.2), "python": (_python, 0.1),
 }
 # Questions for earlier exchanges of multi-turn chats, and for the tools family's direct answers.
 _HISTORY = (_addition, _subtraction, _capitals, _strings)

@@ -1,0 +1,122 @@
+"""Teach nano gpt-oss's built-in tools with ossgpt's own LoRA fine-tuning, merge the adapter into
+a checkpoint, and measure on held-out conversations: the browser (search the bundled corpus,
+open the right result, answer with a citation) and python (compute with one line of code),
+each run with the real tools in the loop as `ossgpt chat --tools browser,python` runs them;
+and nano's old families before and after. Writes benchmarks/results/finetune_nano_tools.json.
+
+    python benchmarks/finetune_nano_tools.py [--steps 200] [--n-eval 60]
+
+The data: the two new families plus a replay of nano's own mixture, so old skills are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import ossgpt
+from ossgpt import nano
+from ossgpt.data import FAMILIES, examples
+from ossgpt.data.tasks import chat_record, mixture
+from ossgpt.data.tool_loop import run_tool_loop, summarize
+
+ROOT = Path(__file__).resolve().parent
+NEW = ("browser", "python")
+
+
+def write_data(path: Path, n_browser: int, n_python: int, n_replay: int, seed: int = 0) -> None:
+    parts = [itertools.islice(examples("browser", "train", seed), n_browser),
+             itertools.islice(examples("python", "train", seed), n_python),
+             itertools.islice(mixture(seed=seed + 99), n_replay)]
+    with path.open("w") as f:
+        for ex in itertools.chain(*parts):
+            f.write(json.dumps(chat_record(ex), ensure_ascii=False) + "\n")
+
+
+def old_accuracy(model, n_eval: int) -> dict:
+    held_out = nano.evaluate(model, n_per_family=n_eval, progress=False, families=FAMILIES)
+    return {f: round(r["accuracy"], 4) for f, r in held_out.items()}
+
+
+def tool_accuracy(model, n_eval: int) -> dict:
+    cases = [ex for f in NEW for ex in list(examples(f, "test", 0))[:n_eval]]
+    return summarize(run_tool_loop(model, cases))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--n-browser", type=int, default=1500)
+    ap.add_argument("--n-python", type=int, default=1000)
+    ap.add_argument("--n-replay", type=int, default=1500)
+    ap.add_argument("--n-eval", type=int, default=50)
+    ap.add_argument("--n-eval-old", type=int, default=30)
+    ap.add_argument("--n-eval-before", type=int, default=20,
+                    help="held-out tool conversations per family for the base model (it scores 0)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--work", default="checkpoints/finetune-nano-tools")
+    ap.add_argument("--skip-before", action="store_true", help="reuse the last result's 'before'")
+    args = ap.parse_args()
+
+    t_start = time.time()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    data = work / "train.jsonl"
+    write_data(data, args.n_browser, args.n_python, args.n_replay)
+    out = ROOT / "results" / "finetune_nano_tools.json"
+
+    t0 = time.time()
+    if args.skip_before and out.exists():
+        before = json.loads(out.read_text())["before"]
+    else:
+        base = ossgpt.load("nano", dtype=torch.float32, progress=False)
+        before = {"old": old_accuracy(base, args.n_eval_old), "tools": tool_accuracy(base, args.n_eval_before)}
+        del base
+    eval_seconds = time.time() - t0
+    print("before:", json.dumps(before), flush=True)
+
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "ossgpt", "finetune", "--data", str(data),
+                    "--output", str(work / "run"), "--steps", str(args.steps),
+                    "--batch-tokens", str(args.batch_tokens), "--lora-rank", str(args.rank),
+                    "--lr", str(args.lr), "--val-split", "0.005", "--task-prompts", "0"],
+                   check=True)
+    finetune_seconds = time.time() - t0
+    merged = work / "merged"
+    subprocess.run([sys.executable, "-m", "ossgpt", "merge-adapter", "--adapter",
+                    str(work / "run" / "adapter"), "--output", str(merged)], check=True)
+
+    t0 = time.time()
+    tuned = ossgpt.load(str(merged), dtype=torch.float32, progress=False)
+    after = {"old": old_accuracy(tuned, args.n_eval_old), "tools": tool_accuracy(tuned, args.n_eval)}
+    eval_seconds += time.time() - t0
+    print("after:", json.dumps(after), flush=True)
+
+    result = {"steps": args.steps, "batch_tokens": args.batch_tokens, "rank": args.rank,
+              "lr": args.lr, "train_lines": {"browser": args.n_browser, "python": args.n_python,
+                                             "replay": args.n_replay},
+              "n_eval": args.n_eval, "n_eval_old": args.n_eval_old,
+              "threads": torch.get_num_threads(), "finetune_seconds": round(finetune_seconds, 1),
+              "eval_seconds": round(eval_seconds, 1),
+              "total_seconds": round(time.time() - t_start, 1),
+              "evaluated": "the merged checkpoint (" + str(merged) + ")",
+              "before": before, "after": after,
+              "run_metrics": json.loads((work / "run" / "metrics.json").read_text())}
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
