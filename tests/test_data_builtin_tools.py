@@ -108,3 +108,24 @@ def test_score_right_tool_and_call():
     search = reply(f" to=browser.search<|channel|>analysis code<|message|>{args}<|call|>")
     assert score(br, search) == {"well_formed": True, "correct": True, "right_tool": True}
     assert not score(py, search)["right_tool"] and not score(br, good)["right_tool"]
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_tool_loop_on_the_gold_replies_reproduces_the_data(family):
+    """The evaluation loop, fed the data's own assistant turns, runs the real tools, sees the
+    same prompts as training did, and scores every check right."""
+    from ossgpt.data.examples import _turn_tokens, render_options
+    from ossgpt.data.tool_loop import _Conversation, summarize
+    from ossgpt.harmony import render_prompt
+
+    results = []
+    for ex in take(family, "test", 5):
+        conv = _Conversation(ex)
+        for start, end in trained_turns(ex.messages):
+            prompt = render_prompt(conv.messages, **render_options(ex))
+            assert prompt == render_prompt(ex.messages[:start], **render_options(ex))
+            going = conv.add_reply(_turn_tokens(ex.messages[start:end], prompt, ex.builtin_tools))
+            assert going == (end < len(ex.messages))
+        results.append(conv.result())
+    summary = summarize(results)[family]
+    assert all(v == 1.0 for k, v in summary.items() if k != "n"), summary
