@@ -27,6 +27,7 @@ from ossgpt import nano
 from ossgpt.data import FAMILIES, examples
 from ossgpt.data.tasks import chat_record, mixture
 from ossgpt.data.tool_loop import run_tool_loop, summarize
+from ossgpt.lora import load_adapter
 
 ROOT = Path(__file__).resolve().parent
 NEW = ("browser", "python")
@@ -98,10 +99,16 @@ def main() -> None:
                     str(work / "run" / "adapter"), "--output", str(merged)], check=True)
 
     t0 = time.time()
+    # The adapter as trained, then the merged checkpoint (its experts re-quantized to MXFP4).
+    adapted = ossgpt.load("nano", dtype=torch.float32, progress=False)
+    load_adapter(adapted, work / "run" / "adapter")
+    adapter = {"old": old_accuracy(adapted, args.n_eval_old), "tools": tool_accuracy(adapted, args.n_eval)}
+    print("adapter:", json.dumps(adapter), flush=True)
+    del adapted
     tuned = ossgpt.load(str(merged), dtype=torch.float32, progress=False)
     after = {"old": old_accuracy(tuned, args.n_eval_old), "tools": tool_accuracy(tuned, args.n_eval)}
     eval_seconds += time.time() - t0
-    print("after:", json.dumps(after), flush=True)
+    print("merged:", json.dumps(after), flush=True)
 
     result = {"steps": args.steps, "batch_tokens": args.batch_tokens, "rank": args.rank,
               "lr": args.lr, "train_lines": {"browser": args.n_browser, "python": args.n_python,
@@ -110,8 +117,7 @@ def main() -> None:
               "threads": torch.get_num_threads(), "finetune_seconds": round(finetune_seconds, 1),
               "eval_seconds": round(eval_seconds, 1),
               "total_seconds": round(time.time() - t_start, 1),
-              "evaluated": "the merged checkpoint (" + str(merged) + ")",
-              "before": before, "after": after,
+              "before": before, "adapter": adapter, "merged": after,
               "run_metrics": json.loads((work / "run" / "metrics.json").read_text())}
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -3,9 +3,10 @@ with harmony, loss on the assistant's tokens only, LoRA (PEFT-format adapter out
 (checkpoint out), through the same Trainer as nano (exact resume, atomic checkpoints).
 
 Data lines: {"messages": [...], "tools"?: [...], "reasoning_effort"?: "low|medium|high",
-"date"?: "YYYY-MM-DD", "builtin_tools"?: ["browser", "python"]}. Assistant reasoning may be given as `reasoning`, `reasoning_content` or
-`thinking`. What is trained: the assistant turns after the last user message (reasoning, tool
-calls and the final answer); earlier turns are history, rendered as harmony renders history.
+"date"?: "YYYY-MM-DD", "builtin_tools"?: ["browser", "python"]}. Assistant reasoning may be
+given as `reasoning`, `reasoning_content` or `thinking`. What is trained: the assistant turns
+after the last user message (reasoning, tool calls and the final answer); earlier turns are
+history, rendered as harmony renders history.
 """
 
 from __future__ import annotations
