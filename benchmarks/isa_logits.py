@@ -57,10 +57,10 @@ def ossgpt_logits(net, prompts: list[list[int]], steps: torch.Tensor) -> torch.T
     """(B, STEPS + 1, V): the prefill's last logits, then each decode step's."""
     cache = net.make_cache()
     out = [prefill(net, prompts, cache)]
-    positions = torch.tensor([len(p) for p in prompts])
+    positions = torch.tensor([len(p) for p in prompts], device=net.device)
     for i in range(len(steps)):
-        out.append(decode_step(net, steps[i], positions + i, cache))
-    return torch.stack(out, dim=1).float()
+        out.append(decode_step(net, steps[i].to(net.device), positions + i, cache))
+    return torch.stack(out, dim=1).float().cpu()
 
 
 @torch.inference_mode()

@@ -35,6 +35,7 @@ class BenchResult:
     cpu_kernels: str = ""              # the CPU kernels' instruction-set level (kernels.isa()), on the CPU
     expert_decode_inputs: str = ""     # kernels.expert_decode_inputs: exact, int16 (a scale a block) or plain
     expert_prefill_inputs: str = ""    # kernels.expert_prefill_inputs: the same for prefill
+    placement: str = ""                # experts apart from the device, or the process split
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -89,11 +90,13 @@ def _touch(model: Transformer) -> None:
 @torch.inference_mode()
 def run(ref: str, prompt_tokens: int = 512, decode_steps: int = 32, batches: tuple[int, ...] = (1, 8),
         device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-        pack_dense: bool = True, experts: str = "auto") -> BenchResult:
+        pack_dense: bool = True, experts: str = "auto", **placement) -> BenchResult:
+    """`placement`: load's experts_device, experts_layers and shard."""
     from .checkpoint import load
 
     t0 = time.perf_counter()
-    model = load(ref, device=device, dtype=dtype, progress=False, pack_dense=pack_dense, experts=experts)
+    model = load(ref, device=device, dtype=dtype, progress=False, pack_dense=pack_dense,
+                 experts=experts, **placement)
     _touch(model)
     load_s = time.perf_counter() - t0
     huge = hugepages.huge_bytes() / 2**30
@@ -120,4 +123,13 @@ def run(ref: str, prompt_tokens: int = 512, decode_steps: int = 32, batches: tup
                        if model.device.type == "cuda" else 0.0,
                        kernels.isa() if model.device.type == "cpu" else "",
                        kernels.expert_decode_inputs(model.dtype) if model.device.type == "cpu" else "",
-                       kernels.expert_prefill_inputs(model.dtype) if model.device.type == "cpu" else "")
+                       kernels.expert_prefill_inputs(model.dtype) if model.device.type == "cpu" else "",
+                       _placement(model))
+
+
+def _placement(model: Transformer) -> str:
+    shard = getattr(model, "shard", None)
+    if shard is not None:
+        return shard.describe(model)
+    apart = [i for i, b in enumerate(model.blocks) if b.mlp.experts.mlp1_bias.device != model.device]
+    return f"experts of {len(apart)} layers on the cpu" if apart else ""

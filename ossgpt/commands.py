@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from collections.abc import Callable
 
@@ -40,25 +41,51 @@ RANGES: dict[str, Range] = {
 }
 
 
-def _load(model: str, device: str, dtype: str, pack_dense: bool = True, verbose: bool = False):
+def _load(model: str, device: str, dtype: str, pack_dense: bool = True, verbose: bool = False,
+          experts_device: str | None = None, parallel: bool = False):
     """The model for a command; inference commands keep its dense weights packed on the CPU
     (packed_bf16.py: lossless, faster decode), training and merging need them plain. `verbose`
-    says where it runs: device, threads, and the CPU kernels' instruction-set level."""
+    says where it runs: device, threads, and the CPU kernels' instruction-set level.
+    `parallel`: under torchrun, this process's share of the model (ossgpt.parallel)."""
     import torch
 
-    from . import kernels
+    from . import kernels, parallel as par
     from .checkpoint import load, resolve
+    from .checkpoint.load import resolve_device
 
     if dtype not in DTYPES:
         raise OssgptError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    place, layers = _experts_device(experts_device)
     directory, fmt = resolve(model)
-    print(f"Loading {directory} ({fmt} layout)", file=sys.stderr, flush=True)
-    net = load(directory, device=device, dtype=getattr(torch, dtype), progress=True, pack_dense=pack_dense)
+    shard = par.from_environment(resolve_device(device)) if parallel else None
+    if shard is None or shard.rank == 0:
+        print(f"Loading {directory} ({fmt} layout)", file=sys.stderr, flush=True)
+    net = load(directory, device=device, dtype=getattr(torch, dtype),
+               progress=shard is None or shard.rank == 0, pack_dense=pack_dense,
+               experts_device=place, experts_layers=layers, shard=shard)
+    if shard is not None:
+        print(shard.describe(net), file=sys.stderr, flush=True)
     if verbose:
         where = (f"cpu, {torch.get_num_threads()} threads, CPU kernels {kernels.isa()}"
                  if net.device.type == "cpu" else str(net.device))
         print(f"Running on {where}; {dtype}", file=sys.stderr, flush=True)
     return net
+
+
+def _one_process(command: str) -> None:
+    from .parallel import under_torchrun
+    if under_torchrun():
+        raise OssgptError(f"{command} runs in one process; under torchrun run generate or bench")
+
+
+def _experts_device(spec: str | None) -> tuple[str | None, int | None]:
+    """--experts-device: "cpu" (every layer's experts) or "cpu:N" (the first N layers')."""
+    if spec is None:
+        return None, None
+    device, _, layers = spec.partition(":")
+    if device != "cpu" or layers and not layers.isdigit():
+        raise OssgptError(f"--experts-device wants cpu or cpu:N (the first N layers' experts), got {spec!r}")
+    return device, int(layers) if layers else None
 
 
 def _read_steers(steer: str | None) -> list:
@@ -88,8 +115,9 @@ def _read_stdin_prompt() -> str | None:
 def generate(model: str = "nano", prompt: str | None = None, max_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, device: str = "auto", dtype: str = "bfloat16",
-             steer: str | None = None) -> None:
-    """Complete raw text (no chat format), streaming it to stdout.
+             steer: str | None = None, experts_device: str | None = None) -> None:
+    """Complete raw text (no chat format), streaming it to stdout. Under torchrun the model is
+    split over the processes (experts and attention heads; process 0 prints).
 
     model: nano (bundled), a checkpoint directory (original/ or Hugging Face layout) or hub id
     prompt: the text to continue; read from stdin when omitted
@@ -100,7 +128,9 @@ def generate(model: str = "nano", prompt: str | None = None, max_tokens: int = 2
     seed: random seed, for reproducible sampling
     device: cpu, cuda or auto
     dtype: bfloat16, float32 or float16
-    steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated"""
+    steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated
+    experts_device: where the experts live if not on --device: cpu (beside a GPU; the CPU kernels run them) or cpu:N (the first N layers' experts)
+    """
     from .generate import generate as run
     from .sampling import SamplingParams
     from .tokenizer import IncrementalDecoder, Tokenizer, get_tokenizer
@@ -110,10 +140,13 @@ def generate(model: str = "nano", prompt: str | None = None, max_tokens: int = 2
         raise OssgptError("no prompt: pass --prompt TEXT or pipe text on stdin")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     steers = _read_steers(steer)
-    net = _load(model, device, dtype)
+    net = _load(model, device, dtype, experts_device=experts_device, parallel=True)
     tokenizer = get_tokenizer()
     decoder = IncrementalDecoder(tokenizer)
     stops = (Tokenizer.ENDOFTEXT, Tokenizer.RETURN)
+    shard = getattr(net, "shard", None)
+    if shard is not None and shard.rank:
+        sys.stdout = open(os.devnull, "w")     # every process generates; one prints
     with _steered(net, steers):
         sys.stdout.write(prompt)
         for event in run(net, [tokenizer.encode(prompt)], max_tokens, sampling, stops):
@@ -128,7 +161,8 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
          max_tokens: int = 4096, temperature: float = 1.0, top_p: float = 1.0,
          seed: int | None = None, device: str = "auto", dtype: str = "bfloat16",
          verbose: bool = False, steer: str | None = None, corpus: str | None = None,
-         search_url: str | None = None, python_unsandboxed: bool = False) -> None:
+         search_url: str | None = None, python_unsandboxed: bool = False,
+         experts_device: str | None = None) -> None:
     """Chat in the harmony format; reads one prompt from stdin when it is not a terminal.
 
     model: nano (bundled), a checkpoint directory (original/ or Hugging Face layout) or hub id
@@ -147,8 +181,12 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
     steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated
     corpus: the browser's documents: a folder of .md, .txt, .html and .pdf files, indexed on first use
     search_url: the browser searches the web through this SearXNG-style JSON endpoint (.../search) instead of --corpus
-    python_unsandboxed: run the python tool's code without its sandbox (your own machine, your own risk)"""
+    python_unsandboxed: run the python tool's code without its sandbox (your own machine, your own risk)
+    experts_device: where the experts live if not on --device: cpu (beside a GPU; the CPU kernels run them) or cpu:N (the first N layers' experts)
+    """
     from .chat import ChatSession, ChatTools, run_repl
+
+    _one_process("chat")
     from .sampling import SamplingParams
 
     if reasoning_effort not in ("low", "medium", "high"):
@@ -170,7 +208,7 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
         run_tool = toolbox
     scripted = _read_stdin_prompt()
     steers = _read_steers(steer)
-    net = _load(model, device, dtype, verbose=verbose)
+    net = _load(model, device, dtype, verbose=verbose, experts_device=experts_device)
     session = ChatSession(net, reasoning_effort=reasoning_effort, system=system,
                           developer=developer, tools=tool_defs, sampling=sampling,
                           max_tokens=max_tokens, builtin_tools=toolbox.builtin_tools)
@@ -341,7 +379,7 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
           batch_invariant: bool = False, steer: str | None = None, store: str | None = None,
           prefix_cache_gb: float = 1.0, prefill_chunk: int = 256, corpus: str | None = None,
           search_url: str | None = None, python: bool = True,
-          python_unsandboxed: bool = False) -> None:
+          python_unsandboxed: bool = False, experts_device: str | None = None) -> None:
     """Serve the model behind an OpenAI-compatible HTTP API (chat completions, responses,
     completions) with continuous batching.
 
@@ -364,13 +402,16 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
     corpus: the Responses API's web_search_preview tool runs gpt-oss's browser over this folder of .md, .txt, .html and .pdf files (indexed on first use)
     search_url: web_search_preview searches the web through this SearXNG-style JSON endpoint (.../search) instead of --corpus
     python: the Responses API runs code_interpreter requests' code with gpt-oss's python tool, sandboxed (--no-python: such requests get a 400)
-    python_unsandboxed: run that code without its sandbox (a trusted machine and clients only)"""
+    python_unsandboxed: run that code without its sandbox (a trusted machine and clients only)
+    experts_device: where the experts live if not on --device: cpu (beside a GPU; the CPU kernels run them) or cpu:N (the first N layers' experts)
+    """
     import uvicorn
 
     from .server.app import create_app
     from .server.builtin_tools import BuiltinTools
     from .server.store import ResponseStore, default_path
 
+    _one_process("serve")
     if store:
         try:
             responses = ResponseStore(store)               # a bad --store fails before the load
@@ -393,7 +434,7 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
     steers = _read_steers(steer)
     builtin = BuiltinTools(_browser_backend(corpus, search_url) if corpus or search_url else None,
                            _python_tool(python_unsandboxed) if python else None)
-    net = _load(model, device, dtype)
+    net = _load(model, device, dtype, experts_device=experts_device)
     app = create_app(net, served_name or model, api_key=api_key, max_batch=max_batch,
                      max_model_len=max_model_len, max_queue=max_queue, adapters=adapters,
                      batch_invariant=batch_invariant, store=responses, prefix_cache_gb=prefix_cache_gb,
@@ -405,7 +446,8 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
 
 def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
           batch: str = "1,8", device: str = "auto", dtype: str = "bfloat16",
-          pack_dense: bool = True, experts: str = "auto", json_out: str | None = None) -> None:
+          pack_dense: bool = True, experts: str = "auto", json_out: str | None = None,
+          experts_device: str | None = None) -> None:
     """Measure a checkpoint here: load time, prefill tokens/s, time to first token, decode
     tokens/s per batch size, peak memory. Prints a table (and JSON with --json-out).
 
@@ -417,13 +459,16 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
     dtype: bfloat16, float32 or float16
     pack_dense: hold the dense bf16 weights in the lossless 12-bit form (CPU; --no-pack-dense: plain bf16)
     experts: mxfp4 (packed), dense (dequantized at load) or auto (dense on a GPU with room)
-    json_out: also write the figures as JSON to this file"""
+    json_out: also write the figures as JSON to this file
+    experts_device: where the experts live if not on --device: cpu (beside a GPU; the CPU kernels run them) or cpu:N (the first N layers' experts)
+    Under torchrun the model is split over the processes (experts and attention heads); process 0 prints."""
     import json
 
     import torch
 
-    from . import bench as b
+    from . import bench as b, parallel
     from .checkpoint import resolve
+    from .checkpoint.load import resolve_device
 
     if dtype not in DTYPES:
         raise OssgptError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -434,8 +479,13 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
     if not batches or min(batches) < 1:
         raise OssgptError(f"--batch must be sizes >= 1, got {batch!r}")
     resolve(model)  # a bad --model is the user's error, before any timing
+    place, layers = _experts_device(experts_device)
+    shard = parallel.from_environment(resolve_device(device))
     r = b.run(model, prompt_tokens, decode_steps, batches, device, getattr(torch, dtype),
-              pack_dense=pack_dense, experts=experts)
+              pack_dense=pack_dense, experts=experts, experts_device=place, experts_layers=layers,
+              shard=shard)
+    if shard is not None and shard.rank:
+        return
     rows = [("load", f"{r.load_s:.2f} s"),
             (f"prefill ({r.prompt_tokens} tokens)", f"{r.prefill_tok_s:.1f} tok/s"),
             ("time to first token", f"{r.ttft_s * 1000:.0f} ms")]
@@ -452,6 +502,8 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
     kernels = f", CPU kernels {r.cpu_kernels}" if r.cpu_kernels else ""
     print(f"{r.model} on {r.device}, {r.dtype}{' (dense weights packed)' if r.packed_dense else ''}, "
           f"{r.experts} experts, {r.threads} threads{kernels}")
+    if r.placement:
+        print(f"  {r.placement}")
     for name, value in rows:
         print(f"  {name:<28}{value:>16}")
     if json_out:

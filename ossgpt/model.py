@@ -170,7 +170,12 @@ class Attention(nn.Module):
             out = sdpa_with_sinks(q, k, v, self.sinks, mask, self.scale)
         if self.observer is not None:
             self.observer(attention_probs(q, k, self.sinks, mask, self.scale), positions)
-        return x + self.o_proj(out.reshape(B, T, -1))
+        return x + self.output(out.reshape(B, T, -1))
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs (B, T, H * D) -> the residual update (B, T, C). (Tensor parallel
+        attention, ossgpt/parallel, sums this over the processes that hold the other heads.)"""
+        return self.o_proj(out)
 
 
 # -- mixture of experts ------------------------------------------------------------------------
@@ -238,12 +243,14 @@ class Experts(nn.Module):
         return dense
 
 
-def unpack_experts(model: "Transformer") -> None:
+def unpack_experts(model: "Transformer", device: torch.device | None = None) -> None:
     """Hold the model's MXFP4 experts dense instead, in place, a layer at a time (full
-    fine-tuning trains them; a GPU with room multiplies them without dequantizing each step)."""
+    fine-tuning trains them; a GPU with room multiplies them without dequantizing each step);
+    with `device`, only those on it (experts kept in CPU memory stay packed for its kernels)."""
     for block in model.blocks:
-        if block.mlp.experts.packed:
-            block.mlp.experts = block.mlp.experts.dequantized()
+        experts = block.mlp.experts
+        if experts.packed and (device is None or experts.mlp1_bias.device == device):
+            block.mlp.experts = experts.dequantized()
 
 
 def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -263,12 +270,23 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         t = self.norm(x).reshape(-1, shape[-1])                              # (N, C)
-        top = torch.topk(self.router(t), self.k, dim=-1, sorted=True)       # (N, k)
-        gates = torch.softmax(top.values.float(), dim=-1)                   # softmax over the k chosen
-        out = kernels.moe(t, top.indices, gates, self.experts, self.limit) if USE_KERNELS else None
-        if out is None:
-            out = self.grouped(t, top.indices, gates)
-        return x + out.to(x.dtype).view(shape)
+        indices, gates = self.route(t)
+        return x + self.mix(t, indices, gates).to(x.dtype).view(shape)
+
+    def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t (N, C) -> each token's k experts (N, k) and their gates (N, k), float32."""
+        top = torch.topk(self.router(t), self.k, dim=-1, sorted=True)
+        return top.indices, torch.softmax(top.values.float(), dim=-1)       # softmax over the k chosen
+
+    def mix(self, t: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Each token's gate-weighted sum of its experts' outputs -> float32 (N, C)."""
+        where = self.experts.mlp1_bias.device
+        if where != t.device:
+            # Experts held in CPU memory beside a GPU (load's experts_device): the hidden states
+            # cross to them and back once a layer; the CPU kernels run them.
+            return self.mix(t.to(where), indices.to(where), gates.to(where)).to(t.device)
+        out = kernels.moe(t, indices, gates, self.experts, self.limit) if USE_KERNELS else None
+        return out if out is not None else self.grouped(t, indices, gates)
 
     def grouped(self, t: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """The plain path (and the reference of the fused kernel): group tokens by expert, one

@@ -292,6 +292,19 @@ def test_layouts_give_identical_weights_and_logits(tiny_original, tiny_hf):
     assert torch.equal(logits(a), logits(b))
 
 
+@pytest.mark.parametrize("layers", [None, 2])
+def test_experts_held_on_their_own_device(tiny_original, layers):
+    """experts_device (--experts-device cpu[:N]): every layer's experts, or the first N layers',
+    on that device and the rest on `device`, the same logits. Here both are the CPU;
+    benchmarks/gpu_check.py runs it with the model on a GPU."""
+    net = ossgpt.load(tiny_original, device="cpu", dtype=torch.float32, progress=False,
+                      experts_device="cpu", experts_layers=layers)
+    assert all(b.mlp.experts.packed and b.mlp.experts.mlp1_blocks.device.type == "cpu" for b in net.blocks)
+    assert torch.equal(logits(net), logits(load32(tiny_original)))
+    with pytest.raises(CheckpointError, match="experts_layers needs experts_device"):
+        ossgpt.load(tiny_original, device="cpu", progress=False, experts_layers=2)
+
+
 def test_repo_root_with_both_layouts(tiny_repo, tiny_hf):
     """A hub snapshot: HF files at the root and original/ beside them."""
     model = load32(tiny_repo)
@@ -376,6 +389,27 @@ def test_dense_experts_round_trip(tiny_original, tmp_path, fmt):
             torch.testing.assert_close(theirs(tokens).logits.float(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_120b_structure_logits_equal_transformers(tmp_path):
+    """gpt-oss-120b's structure, at small widths: 36 layers alternating sliding and full
+    attention, 128 experts with 4 active. float32 logits equal transformers' on prompts past the
+    128-token window (the full widths: test_full_width_checkpoint_peak_rss)."""
+    import transformers
+    from transformers import GptOssForCausalLM, Mxfp4Config
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    config = dataclasses.replace(ModelConfig.preset("120b"), hidden_size=64, intermediate_size=64,
+                                 head_dim=16, num_attention_heads=8, num_key_value_heads=2)
+    assert (config.num_hidden_layers, config.num_experts, config.experts_per_token) == (36, 128, 4)
+    d = write_random(tmp_path / "hf", config, fmt="hf", seed=3, progress=False)
+    ours = load32(d)
+    theirs = GptOssForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager",
+                                               quantization_config=Mxfp4Config(dequantize=True)).eval()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (2, 150), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), theirs(tokens).logits.float(), rtol=1e-5, atol=1e-5)
+
+
 # -- memory ------------------------------------------------------------------------------------
 
 RSS_PROBE = """
@@ -406,6 +440,10 @@ RSS_PROBE = """
             y = model(torch.arange(1, n_tokens + 1)[None])
         out.update(forward_s=time.perf_counter() - t, finite=bool(y.isfinite().all()),
                    after_forward=rss())
+        from ossgpt.generate import generate
+        from ossgpt.sampling import SamplingParams
+        out["generated"] = [e.token for e in generate(model, [list(range(1, n_tokens + 1))], 4,
+                                                      SamplingParams(temperature=0))]
     # VmHWM: this process image's peak RSS. ru_maxrss is reported too, but after a vfork+exec
     # from a big parent (pytest) Linux carries the parent's peak into it, so it can overstate.
     out["peak_rss"] = int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmHWM"].split()[0]) * 1024
@@ -460,35 +498,39 @@ def test_weights_are_memory_mapped(tiny_config, tmp_path):
     assert grew < moved_bytes(config) + 0.5 * size
 
 
-def test_20b_shaped_checkpoint_peak_rss(tmp_path):
-    """The real gpt-oss-20b dimensions, cut to 2 layers (~3.1 GB in MXFP4): load in bf16 and run
-    a few tokens; peak RSS must stay far below the bf16 size of the weights (what a
+@pytest.mark.parametrize("preset, layers", [("20b", 2), ("120b", 1)])
+def test_full_width_checkpoint_peak_rss(tmp_path, preset, layers):
+    """The real gpt-oss-20b dimensions cut to 2 layers (~3.1 GB in MXFP4), and gpt-oss-120b's
+    (128 experts) cut to 1 (~4.0 GB): load in bf16, run a few tokens and generate 4 greedily;
+    peak RSS must stay far below the bf16 size of the weights (what a
     load-and-dequantize-everything loader would need)."""
-    need = 8 * GB
+    need = 10 * GB
     if shutil.disk_usage(tmp_path).free < need:
         pytest.skip(f"needs {need / GB:.0f} GB free disk in {tmp_path}")
-    d = tmp_path / "gpt-oss-20b-2-layers"
+    d = tmp_path / f"gpt-oss-{preset}-{layers}-layers"
     try:
         run_python(f"""
             import dataclasses
             from ossgpt import ModelConfig
             from ossgpt.checkpoint import write_random
-            config = dataclasses.replace(ModelConfig.preset("20b"), num_hidden_layers=2, layer_types=None)
+            config = dataclasses.replace(ModelConfig.preset({preset!r}), num_hidden_layers={layers},
+                                         layer_types=None)
             write_random({str(d)!r}, config, fmt="original", progress=False)
         """, timeout=600)
         config = ModelConfig.from_file(d / "config.json")
-        assert (config.hidden_size, config.num_experts, config.num_hidden_layers) == (2880, 32, 2)
+        experts = {"20b": 32, "120b": 128}[preset]
+        assert (config.hidden_size, config.num_experts, config.num_hidden_layers) == (2880, experts, layers)
         size = (d / "model.safetensors").stat().st_size
         dense = bf16_bytes(config)
         r = probe(d, 4)
     finally:
         shutil.rmtree(d, ignore_errors=True)
     peak = r["peak_rss"]
-    print(f"\n[20b-shaped, 2 layers] checkpoint {size / GB:.2f} GB, bf16 weights {dense / GB:.2f} GB; "
+    print(f"\n[{preset}-shaped, {layers} layers] checkpoint {size / GB:.2f} GB, bf16 weights {dense / GB:.2f} GB; "
           f"RSS after import {r['before']['VmRSS'] / GB:.2f} GB, after load {r['after_load']['VmRSS'] / GB:.2f} GB "
           f"({r['load_s']:.1f} s), after a 4-token forward {r['after_forward']['VmRSS'] / GB:.2f} GB "
           f"({r['forward_s']:.1f} s); peak RSS (VmHWM) {peak / GB:.2f} GB = {peak / dense:.0%} of bf16 "
           f"(ru_maxrss {r['ru_maxrss'] / GB:.2f} GB)")
-    assert r["finite"]
+    assert r["finite"] and len(r["generated"]) == 4
     assert r["after_load"]["VmRSS"] - r["before"]["VmRSS"] < moved_bytes(config) + 0.1 * size
     assert peak < 0.5 * dense

@@ -167,3 +167,10 @@ def test_generate_negative_max_tokens_end_to_end():
     out = run("generate", "--prompt", "hi", "--max-tokens", "-1")
     assert (out.returncode, out.stdout, out.stderr) == (
         1, "", "error: --max-tokens must be >= 1, got -1\n")
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cpu:two", "cuda:1"])
+def test_a_bad_experts_device_gives_one_line(spec):
+    out = run("generate", "--prompt", "hi", "--experts-device", spec)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"error: --experts-device wants cpu or cpu:N (the first N layers' experts), got {spec!r}" in out.stderr

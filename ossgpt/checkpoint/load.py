@@ -14,6 +14,8 @@ import math
 import os
 from pathlib import Path
 
+from collections.abc import Callable
+
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
@@ -23,6 +25,7 @@ from ..compact_vocab import CompactVocab
 from ..config import ConfigError, ModelConfig
 from ..errors import OssgptError
 from ..model import Linear, Transformer, unpack_experts
+from ..parallel.sharding import Shard
 from . import formats, hugepages
 from .formats import HF, ORIGINAL, Source
 
@@ -236,35 +239,43 @@ def read_tensor(files: TensorFiles, src: Source) -> torch.Tensor:
 
 def load_state_dict(files: TensorFiles, fmt: str, config: ModelConfig, model: Transformer,
                     dtype: torch.dtype, device: torch.device, progress: bool = True,
-                    pack: frozenset[str] = frozenset()) -> dict[str, torch.Tensor | packed_bf16.PackedBF16]:
+                    pack: frozenset[str] = frozenset(), shard: Shard | None = None,
+                    experts_device: Callable[[str], torch.device] | None = None,
+                    ) -> dict[str, torch.Tensor | packed_bf16.PackedBF16]:
     """Every tensor of `model`'s state dict, read from `files`, checked by `check_tensors`.
-    Tensors named in `pack` come back as PackedBF16 where packing pays."""
+    Tensors named in `pack` come back as PackedBF16 where packing pays; with `shard`, each is
+    this process's slice (parallel/sharding.py); `experts_device(name)` places expert tensors."""
     table = check_tensors(files, fmt, config, model.state_dict())
     vocab_tables = expand_vocab(files, table, config) if COMPACT_IDS in files.names() else {}
-    experts_too = device.type == "cpu" and hugepages.move_experts(
+    experts_too = hugepages.move_experts(
         sum(p.stat().st_size for p in set(files.files.values())))
     state = {}
     huge_before, huge_wanted = hugepages.huge_bytes(), 0
     bar = tqdm(table.items(), desc="Loading", unit="tensor", disable=not progress, leave=False)
     for ours, src in bar:
         t = vocab_tables[ours] if ours in vocab_tables else read_tensor(files, src)
+        mapped = ours not in vocab_tables    # a view of the file mapping
+        if shard is not None:
+            whole, t = t, shard.select(ours, t, config)
+            mapped = mapped and t.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
         stored = t
         if t.dtype != torch.uint8:
             t = t.to(torch.float32 if _keep_float32(ours) else dtype)
         if ours in pack and packed_bf16.packable(t):
-            p = _pack(t, mapped=ours not in vocab_tables and t is stored)
+            p = _pack(t, mapped=mapped and t is stored)
             if packed_bf16.worth_it(p):
                 state[ours] = p
                 huge_wanted += sum(q.nbytes for q in p.parts() if q.nbytes >= hugepages.MIN_BYTES)
                 continue
-        if device.type == "cpu" and _streamed_by_decode(ours, t, experts_too) and hugepages.enabled():
-            mapped = ours not in vocab_tables    # a view of the file mapping, not needed after
+        where = experts_device(ours) if experts_device is not None else device
+        if where.type == "cpu" and _streamed_by_decode(ours, t, experts_too) and hugepages.enabled():
+            # the file's pages are not needed after the copy
             moved = hugepages.copy(t, release_source=mapped and t is stored)
             if mapped and t is not stored:
                 hugepages.release(stored)
             t = moved
             huge_wanted += t.nbytes
-        state[ours] = t.to(device)
+        state[ours] = t.to(where)
     if huge_wanted and hugepages.enabled():
         hugepages.warn_if_short(huge_wanted, hugepages.huge_bytes() - huge_before)
     return state
@@ -296,7 +307,8 @@ def dense_experts_fit(model: Transformer) -> bool:
     """Whether the model's MXFP4 experts, dequantized to its dtype, fit in its GPU's free
     memory with a tenth of the GPU left for the KV cache and activations (gpt-oss-20b's take
     38 GB in bf16: yes on an 80 GB GPU, no on a 24 GB one; gpt-oss-120b's 229 GB: no)."""
-    packed = [b.mlp.experts for b in model.blocks if b.mlp.experts.packed]
+    packed = [b.mlp.experts for b in model.blocks
+              if b.mlp.experts.packed and b.mlp.experts.mlp1_bias.device == model.device]
     dense = sum((e.mlp1_blocks.numel() + e.mlp2_blocks.numel()) * 2 * model.dtype.itemsize
                 for e in packed)
     free, total = torch.cuda.mem_get_info(model.device)
@@ -315,9 +327,29 @@ def resolve_device(device: str | torch.device) -> torch.device:
 EXPERT_FORMATS = ("auto", "mxfp4", "dense")
 
 
+def _experts_placement(device: torch.device, experts_device: str | None,
+                       layers: int | None) -> Callable[[str], torch.device] | None:
+    """name -> the device of that tensor, where some experts live apart from `device`."""
+    if experts_device is None:
+        if layers is not None:
+            raise CheckpointError("experts_layers needs experts_device (e.g. cpu)")
+        return None
+    where = resolve_device(experts_device)
+    if layers is not None and layers < 0:
+        raise CheckpointError(f"experts_layers must be >= 0, got {layers}")
+
+    def place(name: str) -> torch.device:
+        if ".experts." not in name:
+            return device
+        layer = int(name.split(".")[1])          # blocks.<layer>.mlp.experts.<tensor>
+        return where if layers is None or layer < layers else device
+    return place
+
+
 def load(ref: str | os.PathLike, device: str | torch.device = "auto",
          dtype: torch.dtype = torch.bfloat16, progress: bool = True,
-         pack_dense: bool = False, experts: str = "auto") -> Transformer:
+         pack_dense: bool = False, experts: str = "auto", experts_device: str | None = None,
+         experts_layers: int | None = None, shard: Shard | None = None) -> Transformer:
     """Load a gpt-oss checkpoint: a directory in the original/ or Hugging Face layout, a repo
     root holding both, or a hub id such as `openai/gpt-oss-20b`.
 
@@ -326,11 +358,16 @@ def load(ref: str | os.PathLike, device: str | torch.device = "auto",
     faster decode; read-only: no training, no moving to another device).
     experts: how MXFP4 experts are held: "mxfp4" packed (a quarter of bf16's memory; the CPU
     kernels and GPUs dequantize the routed ones as they go), "dense" dequantized to `dtype` at
-    load (the same values), "auto" dense on a GPU where they fit (dense_experts_fit), else mxfp4."""
+    load (the same values), "auto" dense on a GPU where they fit (dense_experts_fit), else mxfp4.
+    experts_device: where the experts live if not on `device` ("cpu" beside a GPU: the CPU
+    kernels run them, the hidden states cross once a layer); `experts_layers`: only the first
+    that many layers' (llama.cpp's --n-cpu-moe), all when None.
+    shard: this process's part of a model split over processes (ossgpt.parallel)."""
     if experts not in EXPERT_FORMATS:
         raise CheckpointError(f"experts must be one of {', '.join(EXPERT_FORMATS)}, got {experts!r}")
     directory, fmt = resolve(ref)
     device = resolve_device(device)
+    place = _experts_placement(device, experts_device, experts_layers)
     try:
         config = ModelConfig.from_file(directory / "config.json")
     except ConfigError as e:
@@ -338,18 +375,20 @@ def load(ref: str | os.PathLike, device: str | torch.device = "auto",
     files = TensorFiles(directory)
     with torch.device("meta"):
         model = Transformer(config, packed_experts=is_packed(files, fmt))
-    if device.type == "cpu":
+    if device.type == "cpu" or place is not None:
         kernels.cpu_kernels()    # compiled on first use: its notice comes before the load bar
     pack = frozenset()
     if pack_dense and device.type == "cpu" and dtype == torch.bfloat16:
         pack = frozenset(f"{name}.weight" for name, m in model.named_modules() if type(m) is Linear)
-    state = load_state_dict(files, fmt, config, model, dtype, device, progress, pack)
+    state = load_state_dict(files, fmt, config, model, dtype, device, progress, pack, shard, place)
+    if shard is not None:
+        shard.apply(model)
     for name in [n for n, t in state.items() if isinstance(t, packed_bf16.PackedBF16)]:
         packed_bf16.swap_in(model, name.removesuffix(".weight"), state.pop(name))
     model.load_state_dict(state, assign=True, strict=True)
     del state
     if experts == "dense" or experts == "auto" and device.type == "cuda" and dense_experts_fit(model):
-        unpack_experts(model)
+        unpack_experts(model, device)
     model.eval()
     model.source = (directory, fmt)
     return model
