@@ -67,14 +67,22 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--work", default="checkpoints/finetune-nano-tools")
     ap.add_argument("--skip-before", action="store_true", help="reuse the last result's 'before'")
+    ap.add_argument("--base", default="nano", help="the checkpoint to fine-tune (e.g. an earlier run's merged one)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the training data")
+    ap.add_argument("--install", metavar="MERGED", help="only write MERGED (a run's merged checkpoint) "
+                    "over the bundled nano, in its compact form")
     args = ap.parse_args()
+    if args.install:
+        print("wrote", nano.bundle(ossgpt.load(args.install, dtype=torch.bfloat16, progress=False),
+                                   nano.bundled_path()))
+        return
 
     t_start = time.time()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     data = work / "train.jsonl"
-    write_data(data, args.n_browser, args.n_python, args.n_replay)
+    write_data(data, args.n_browser, args.n_python, args.n_replay, args.seed)
     out = ROOT / "results" / "finetune_nano_tools.json"
 
     t0 = time.time()
@@ -88,7 +96,7 @@ def main() -> None:
     print("before:", json.dumps(before), flush=True)
 
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "ossgpt", "finetune", "--data", str(data),
+    subprocess.run([sys.executable, "-m", "ossgpt", "finetune", "--model", args.base, "--data", str(data),
                     "--output", str(work / "run"), "--steps", str(args.steps),
                     "--batch-tokens", str(args.batch_tokens), "--lora-rank", str(args.rank),
                     "--lr", str(args.lr), "--val-split", "0.005", "--task-prompts", "0"],
@@ -100,7 +108,7 @@ def main() -> None:
 
     t0 = time.time()
     # The adapter as trained, then the merged checkpoint (its experts re-quantized to MXFP4).
-    adapted = ossgpt.load("nano", dtype=torch.float32, progress=False)
+    adapted = ossgpt.load(args.base, dtype=torch.float32, progress=False)
     load_adapter(adapted, work / "run" / "adapter")
     adapter = {"old": old_accuracy(adapted, args.n_eval_old), "tools": tool_accuracy(adapted, args.n_eval)}
     print("adapter:", json.dumps(adapter), flush=True)
@@ -110,7 +118,7 @@ def main() -> None:
     eval_seconds += time.time() - t0
     print("merged:", json.dumps(after), flush=True)
 
-    result = {"steps": args.steps, "batch_tokens": args.batch_tokens, "rank": args.rank,
+    result = {"base": args.base, "seed": args.seed, "steps": args.steps, "batch_tokens": args.batch_tokens, "rank": args.rank,
               "lr": args.lr, "train_lines": {"browser": args.n_browser, "python": args.n_python,
                                              "replay": args.n_replay},
               "n_eval": args.n_eval, "n_eval_old": args.n_eval_old,

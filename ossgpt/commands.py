@@ -129,8 +129,7 @@ def generate(model: str = "nano", prompt: str | None = None, max_tokens: int = 2
     device: cpu, cuda or auto
     dtype: bfloat16, float32 or float16
     steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated
-    experts_device: where the experts live if not on --device: cpu (beside a GPU; the CPU kernels run them) or cpu:N (the first N layers' experts)
-    """
+    experts_device: where the experts live if not on --device: cpu (beside a GPU; the CPU kernels run them) or cpu:N (the first N layers' experts)"""
     from .generate import generate as run
     from .sampling import SamplingParams
     from .tokenizer import IncrementalDecoder, Tokenizer, get_tokenizer
@@ -182,12 +181,11 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
     corpus: the browser's documents: a folder of .md, .txt, .html and .pdf files, indexed on first use
     search_url: the browser searches the web through this SearXNG-style JSON endpoint (.../search) instead of --corpus
     python_unsandboxed: run the python tool's code without its sandbox (your own machine, your own risk)
-    experts_device: where the experts live if not on --device: cpu (beside a GPU; the CPU kernels run them) or cpu:N (the first N layers' experts)
-    """
+    experts_device: where the experts live if not on --device: cpu (beside a GPU; the CPU kernels run them) or cpu:N (the first N layers' experts)"""
     from .chat import ChatSession, ChatTools, run_repl
+    from .sampling import SamplingParams
 
     _one_process("chat")
-    from .sampling import SamplingParams
 
     if reasoning_effort not in ("low", "medium", "high"):
         raise OssgptError(f"--reasoning-effort must be low, medium or high, got {reasoning_effort!r}")
@@ -403,8 +401,7 @@ def serve(model: str = "nano", host: str = "127.0.0.1", port: int = 8000,
     search_url: web_search_preview searches the web through this SearXNG-style JSON endpoint (.../search) instead of --corpus
     python: the Responses API runs code_interpreter requests' code with gpt-oss's python tool, sandboxed (--no-python: such requests get a 400)
     python_unsandboxed: run that code without its sandbox (a trusted machine and clients only)
-    experts_device: where the experts live if not on --device: cpu (beside a GPU; the CPU kernels run them) or cpu:N (the first N layers' experts)
-    """
+    experts_device: where the experts live if not on --device: cpu (beside a GPU; the CPU kernels run them) or cpu:N (the first N layers' experts)"""
     import uvicorn
 
     from .server.app import create_app
@@ -449,7 +446,8 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
           pack_dense: bool = True, experts: str = "auto", json_out: str | None = None,
           experts_device: str | None = None) -> None:
     """Measure a checkpoint here: load time, prefill tokens/s, time to first token, decode
-    tokens/s per batch size, peak memory. Prints a table (and JSON with --json-out).
+    tokens/s per batch size, peak memory. Prints a table (and JSON with --json-out). Under
+    torchrun the model is split over the processes (experts and attention heads); process 0 prints.
 
     model: checkpoint directory, hub id, or "nano"
     prompt_tokens: prompt length for prefill and time to first token
@@ -460,8 +458,7 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
     pack_dense: hold the dense bf16 weights in the lossless 12-bit form (CPU; --no-pack-dense: plain bf16)
     experts: mxfp4 (packed), dense (dequantized at load) or auto (dense on a GPU with room)
     json_out: also write the figures as JSON to this file
-    experts_device: where the experts live if not on --device: cpu (beside a GPU; the CPU kernels run them) or cpu:N (the first N layers' experts)
-    Under torchrun the model is split over the processes (experts and attention heads); process 0 prints."""
+    experts_device: where the experts live if not on --device: cpu (beside a GPU; the CPU kernels run them) or cpu:N (the first N layers' experts)"""
     import json
 
     import torch

@@ -210,6 +210,31 @@ def export(lm: CompactLM, directory: str | Path) -> Path:
                             extra=extra, stored_vocab_rows=len(lm.vocab))
 
 
+def bundle(model: Transformer, directory: str | Path) -> Path:
+    """Write a nano-shaped model loaded at full vocabulary (e.g. fine-tuned and merged) in the
+    bundled compact form: the rows of the ids it uses (their rows differ from the ones every
+    unused id shares), the shared unembedding row, MXFP4 experts as they are."""
+    from .checkpoint.load import COMPACT_IDS, COMPACT_SHARED
+    from .checkpoint.save import write_checkpoint
+
+    if not model.blocks[0].mlp.experts.packed:
+        raise ValueError("bundle wants MXFP4 experts (merge-adapter writes them)")
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    def unused_row(table: torch.Tensor) -> torch.Tensor:   # the row most ids have
+        rows, counts = torch.unique(table, dim=0, return_counts=True)
+        return rows[counts.argmax()]
+
+    emb, unemb = state["embedding.weight"], state["unembedding.weight"]
+    shared = unused_row(unemb)
+    used = (unemb != shared).any(dim=1) | (emb != unused_row(emb)).any(dim=1)
+    ids = torch.nonzero(used).flatten()
+    for table in ("embedding.weight", "unembedding.weight"):
+        state[table] = state[table][ids]
+    extra = {COMPACT_IDS: ids, COMPACT_SHARED: shared.bfloat16()}
+    return write_checkpoint(directory, model.config, state.__getitem__, packed=True, progress=False,
+                            extra=extra, stored_vocab_rows=len(ids))
+
+
 # -- evaluation --------------------------------------------------------------------------------
 
 def evaluate(model: Transformer, n_per_family: int = 200, seed: int = 0, batch_size: int = 32,

@@ -224,3 +224,25 @@ def test_a_failed_merge_leaves_no_checkpoint(model_a, model_b, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         run(config, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.yaml"]
+
+
+def test_merge_adapter_folds_into_the_base_its_config_names(tiny_original, tmp_path):
+    """merge-adapter without --model takes the base the adapter records (an adapter of a model
+    other than nano is not folded into nano); one without a recorded base is one clear error."""
+    from ossgpt.errors import OssgptError
+
+    net = ossgpt.load(tiny_original, device="cpu", dtype=torch.float32, progress=False)
+    lora = LoraConfig(rank=2, alpha=4, targets=("attention",))
+    with torch.no_grad():
+        for p in add_lora(net, lora):
+            p.fill_(0.01)
+    save_adapter(net, lora, tmp_path / "adapter", base_model=str(tiny_original))
+    commands.merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "default"))
+    commands.merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "named"), model=str(tiny_original))
+    assert tensors(tmp_path / "default").keys() == tensors(tmp_path / "named").keys()
+    assert all(torch.equal(a, b) for a, b in zip(tensors(tmp_path / "default").values(),
+                                                 tensors(tmp_path / "named").values()))
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(config.read_text().replace(str(tiny_original), ""))
+    with pytest.raises(OssgptError, match="names no base_model_name_or_path: pass --model"):
+        commands.merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "none"))

@@ -52,3 +52,10 @@ def test_held_out_accuracy(nano_model):
     assert results["tools"]["accuracy"] >= 0.80
     assert results["refusal"]["accuracy"] >= 0.95
     assert results["smalltalk"]["accuracy"] >= 0.80
+
+
+def test_bundle_writes_the_bundled_file_back_byte_for_byte(nano_model, tmp_path):
+    """nano.bundle (how a fine-tuned, merged nano becomes the bundled one) finds the compact
+    vocabulary from the full tables: given the bundled model, it writes the same file."""
+    nano.bundle(nano_model, tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == (nano.bundled_path() / "model.safetensors").read_bytes()

@@ -162,23 +162,38 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
         dist.destroy_process_group()
 
 
-def merge_adapter(adapter: str, output: str, model: str = "nano", layout: str = "original") -> None:
+def merge_adapter(adapter: str, output: str, model: str | None = None, layout: str = "original") -> None:
     """Fold a LoRA adapter into its base model and write a full checkpoint (experts
     re-quantized to MXFP4; the quantization error is reported).
 
     adapter: directory with adapter_config.json and adapter_model.safetensors
     output: directory for the merged checkpoint
-    model: the base checkpoint the adapter was trained on
+    model: the base checkpoint the adapter was trained on (default: the one its adapter_config.json names)
     layout: original or hf"""
     from ..checkpoint import save
     from ..lora import load_adapter, merge
 
     if layout not in ("original", "hf"):
         raise OssgptError(f"--layout must be original or hf, got {layout!r}")
-    net = _load(model, "cpu", "float32", pack_dense=False)
+    net = _load(model or _adapter_base(adapter), "cpu", "float32", pack_dense=False)
     load_adapter(net, adapter)
     report = merge(net)
     path = save(net, output, fmt=layout, progress=True)
     print(f"merged {adapter} into {path} ({layout} layout); MXFP4 re-quantization error "
           f"{report['requantization_error']:.2e} (relative, experts), adapter update "
           f"{report['expert_update_norm']:.2e} of the expert weights")
+
+
+def _adapter_base(adapter: str) -> str:
+    """The base model an adapter records (finetune writes the --model it trained on)."""
+    import json
+    from pathlib import Path
+
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        base = json.loads(path.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise OssgptError(f"{path}: cannot read the adapter's config: {e}") from None
+    if not base:
+        raise OssgptError(f"{path} names no base_model_name_or_path: pass --model")
+    return base
