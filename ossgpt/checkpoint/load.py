@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
-
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
