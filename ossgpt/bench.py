@@ -33,7 +33,7 @@ class BenchResult:
     experts: str = "mxfp4"             # how the experts were held: mxfp4 or dense
     peak_gpu_gib: float = 0.0          # peak GPU memory allocated (on a GPU)
     cpu_kernels: str = ""              # the CPU kernels' instruction-set level (kernels.isa()), on the CPU
-    expert_decode_inputs: str = ""     # kernels.expert_decode_inputs: exact, int16 (a scale a block) or plain
+    expert_decode_inputs: str = ""     # kernels.expert_decode_inputs: exact, int16 or int9 (a scale a block) or plain
     expert_prefill_inputs: str = ""    # kernels.expert_prefill_inputs: the same for prefill
     placement: str = ""                # experts apart from the device, or the process split
 

@@ -492,10 +492,10 @@ def bench(model: str = "nano", prompt_tokens: int = 512, decode_steps: int = 32,
         rows += [("peak GPU memory", f"{r.peak_gpu_gib:.2f} GiB")]
     if r.huge_pages_gib:
         rows += [("weights in huge pages", f"{r.huge_pages_gib:.2f} GiB")]
-    if r.expert_decode_inputs == "int16":
-        rows += [("experts' decode inputs", "int16, a scale a block")]
-    if r.expert_prefill_inputs == "int16":
-        rows += [("experts' prefill inputs", "int16, a scale a block")]
+    if r.expert_decode_inputs.startswith("int"):
+        rows += [("experts' decode inputs", f"{r.expert_decode_inputs}, a scale a block")]
+    if r.expert_prefill_inputs.startswith("int"):
+        rows += [("experts' prefill inputs", f"{r.expert_prefill_inputs}, a scale a block")]
     kernels = f", CPU kernels {r.cpu_kernels}" if r.cpu_kernels else ""
     print(f"{r.model} on {r.device}, {r.dtype}{' (dense weights packed)' if r.packed_dense else ''}, "
           f"{r.experts} experts, {r.threads} threads{kernels}")

@@ -56,9 +56,10 @@ def test_fused_moe_matches_plain_float32(isa, odd_config, tokens):
 @pytest.mark.parametrize("tokens", [1, 6, 40, 100])
 @torch.inference_mode()
 def test_fused_moe_bf16_within_the_plain_paths_error(isa, odd_config, tokens):
-    """bf16: the fused kernel's products are exact and its sums float32, so its error against
-    the float32 model is no worse than the plain bf16 path's (its own bf16 band). 1 and 6 tokens
-    take the in-register path, 40 and 100 (8 and 20 per expert) the dequantized panels."""
+    """bf16: the fused kernel's products are exact and its sums float32 (with 9-bit inputs on avx2
+    and avx512), so its error against the float32 model is about the plain bf16 path's (its own
+    bf16 band). 1 and 6 tokens take the in-register path, 40 and 100 (8 and 20 per expert) the
+    dequantized panels."""
     f32 = _random_moe(odd_config, torch.float32)
     bf16 = _random_moe(odd_config, torch.bfloat16)
     x = torch.randn(tokens, odd_config.hidden_size, generator=torch.Generator().manual_seed(tokens))
@@ -68,28 +69,32 @@ def test_fused_moe_bf16_within_the_plain_paths_error(isa, odd_config, tokens):
     plain = bf16.grouped(t, idx, gates)
     err_fused = ((fused - truth).norm() / truth.norm()).item()
     err_plain = ((plain - truth).norm() / truth.norm()).item()
-    assert err_fused <= max(err_plain, 1e-3), (err_fused, err_plain)
+    # 9-bit inputs (avx2, avx512) add their rounding, 2**-9 of a block's largest, about what bf16's
+    # own adds (measured 1.4-1.7x the plain path's error on this layer); the band that matters is
+    # the whole model's (test_model_logits_fused_equal_plain, benchmarks/isa_logits.py)
+    allowed = 2.0 if kernels.expert_decode_inputs(torch.bfloat16) == "int9" else 1.0
+    assert err_fused <= allowed * max(err_plain, 1e-3), (err_fused, err_plain)
 
 
-def _int16_blocks(x: torch.Tensor) -> torch.Tensor:
-    """x (float32) as the kernels' 16-bit integers hold it (mxfp4.h, quantize_block): each block
-    of 32 rounded to a multiple of d = max |x| / 32512."""
+def _int9_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x (float32) as the x86 kernels' 9-bit integers hold it (mxfp4_bytes.h, quantize_block):
+    each block of 32 rounded to a multiple of d = max |x| / 255."""
     blocks = x.reshape(*x.shape[:-1], -1, 32)
-    d = blocks.abs().amax(-1, keepdim=True) / 32512
+    d = blocks.abs().amax(-1, keepdim=True) / 255
     q = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)) * d, 0.0)
     return q.reshape(x.shape)
 
 
 @pytest.mark.parametrize("tokens", [1, 100])
 @torch.inference_mode()
-def test_fused_moe_int16_inputs_equal_their_reference(isa, odd_config, tokens):
-    """Where a bf16 model's experts take int16 inputs (avx2 and avx512: decode, and prefill's
-    integer GEMM, gemm_i16.h), the kernel equals the plain float64 product of the same integers:
-    the inputs of both products quantized per block, the weights exact, every sum exact or float32.
-    1 token: decode's two-byte products; 100 (20 per expert): prefill's int16 panels."""
-    if kernels.expert_decode_inputs(torch.bfloat16) != "int16" or isa == "neon":
-        pytest.skip(f"{isa} gives a bf16 model's experts exact inputs (or NEON's own integers)")
-    assert kernels.expert_prefill_inputs(torch.bfloat16) == "int16"
+def test_fused_moe_int9_inputs_equal_their_reference(isa, odd_config, tokens):
+    """Where a bf16 model's experts take 9-bit inputs (avx2 and avx512: decode's byte products,
+    and prefill's integer GEMM, gemm_i16.h), the kernel equals the plain float64 product of the
+    same integers: the inputs of both products quantized per block, the weights exact, every sum
+    exact or float32. 1 token: decode's byte products; 100 (20 per expert): prefill's panels."""
+    if kernels.expert_decode_inputs(torch.bfloat16) != "int9":
+        pytest.skip(f"{isa} gives a bf16 model's experts exact inputs (or NEON's 16-bit integers)")
+    assert kernels.expert_prefill_inputs(torch.bfloat16) == "int9"
     moe = _random_moe(odd_config, torch.bfloat16)
     x = torch.randn(tokens, odd_config.hidden_size, generator=torch.Generator().manual_seed(tokens))
     t, idx, gates = _routed(moe, x.bfloat16())
@@ -98,19 +103,19 @@ def test_fused_moe_int16_inputs_equal_their_reference(isa, odd_config, tokens):
     for e in idx.unique().tolist():
         token, slot = torch.where(idx == e)
         w1, w2 = (w.double() for w in moe.experts.weights(e, torch.float32))
-        h = F.linear(_int16_blocks(t[token].float()).double(), w1, moe.experts.mlp1_bias[e].double())
-        h = _int16_blocks(model.swiglu(h.float(), moe.limit)).double()
+        h = F.linear(_int9_blocks(t[token].float()).double(), w1, moe.experts.mlp1_bias[e].double())
+        h = _int9_blocks(model.swiglu(h.float(), moe.limit)).double()
         y = F.linear(h, w2, moe.experts.mlp2_bias[e].double())
         truth.index_add_(0, token, y * gates[token, slot, None].double())
     err = ((fused.double() - truth).norm() / truth.norm()).item()
-    assert err <= 1e-5, err   # int16 steps are 2**-15 of a block's largest: a flipped rounding shows
+    assert err <= 1e-5, err   # a step is 2**-8 of a block's largest: one flipped rounding shows
 
 
 @pytest.mark.parametrize("tokens", [40, 100])
 @torch.inference_mode()
 def test_fused_moe_prefill_agrees_with_decode(isa, odd_config, tokens):
     """Prefill's panels and decode's in-register products meet the same inputs the same way at
-    every level (bf16: exact bf16 products, or the same 16-bit integers; float32: exact float
+    every level (bf16: exact bf16 products, or the same 9-bit integers; float32: exact float
     products), so a prompt's experts give what its tokens one at a time give, up to float32 sums."""
     for dtype in (torch.float32, torch.bfloat16):
         moe = _random_moe(odd_config, dtype)
@@ -119,7 +124,10 @@ def test_fused_moe_prefill_agrees_with_decode(isa, odd_config, tokens):
         together = kernels.moe(t, idx, gates, moe.experts, moe.limit)
         alone = torch.cat([kernels.moe(t[n:n + 1], idx[n:n + 1], gates[n:n + 1], moe.experts, moe.limit)
                            for n in range(tokens)])
-        assert ((together - alone).norm() / alone.norm()).item() <= 1e-5, dtype
+        # with 9-bit inputs, a SwiGLU output that the two float32 sums put on either side of a
+        # rounding boundary moves by one step (2**-8 of its block's largest) between the two
+        steps = dtype == torch.bfloat16 and kernels.expert_decode_inputs(dtype) == "int9"
+        assert ((together - alone).norm() / alone.norm()).item() <= (2e-4 if steps else 1e-5), dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

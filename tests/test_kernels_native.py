@@ -130,7 +130,7 @@ def _moe_arrays(moe, t, idx, gates) -> dict:
 @torch.inference_mode()
 def test_moe(harness, odd_moe, tokens):
     """float32 within 1e-5 of the plain path; bf16 within the plain bf16 path's error against
-    float32. 40 tokens (8 a routed expert) take the panels, 1 and 6 the in-register products."""
+    float32 (twice it with x86's 9-bit inputs). 40 tokens (8 a routed expert) take the panels, 1 and 6 the in-register products."""
     from test_kernels import _routed
     f32, bf16 = odd_moe[torch.float32], odd_moe[torch.bfloat16]
     x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens))
@@ -144,7 +144,8 @@ def test_moe(harness, odd_moe, tokens):
     y = harness("moe", **_moe_arrays(bf16, t, idx, gates))["y"]
     err = ((y - truth).norm() / truth.norm()).item()
     err_plain = ((bf16.grouped(t, idx, gates) - truth).norm() / truth.norm()).item()
-    assert err <= max(err_plain, 1e-3), (err, err_plain)
+    allowed = 2.0 if harness.level in ("avx2", "avx512") else 1.0   # 9-bit inputs: test_kernels.py
+    assert err <= allowed * max(err_plain, 1e-3), (err, err_plain)
 
 
 def test_dequantize_bf16_bit_exact_for_every_scale(harness):

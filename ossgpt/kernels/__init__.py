@@ -60,22 +60,24 @@ def isa() -> str:
 
 def expert_decode_inputs(dtype: torch.dtype) -> str:
     """How decode's fused MXFP4 experts take a `dtype` model's activations on this CPU: "exact"
-    (bf16 products, or float32 ones: the plain path's numerics), or "int16" (each block of 32 held
-    as 16-bit integers on its largest element's scale, rounded to at most 2**-15 of it, where bf16
-    rounds each value to 2**-9 of its own size; kernels/cpu/mxfp4.h), or "plain" (no kernels)."""
+    (bf16 products, or float32 ones: the plain path's numerics); "int16" or "int9" (each block of
+    32 held as integers on its largest element's scale, rounded to at most 2**-16 or 2**-9 of it,
+    where bf16 rounds each value to 2**-9 of its own size; kernels/cpu/mxfp4.h, mxfp4_bytes.h);
+    or "plain" (no kernels)."""
     ext = cpu_kernels()
     if ext is None:
         return "plain"
-    return "int16" if dtype == torch.bfloat16 and ext.expert_decode_inputs == "int16" else "exact"
+    integers = ext.expert_decode_inputs in ("int16", "int9")
+    return ext.expert_decode_inputs if dtype == torch.bfloat16 and integers else "exact"
 
 
 def expert_prefill_inputs(dtype: torch.dtype) -> str:
-    """The same for prefill (many tokens per expert): "int16" on avx2 and avx512 for bf16 models
+    """The same for prefill (many tokens per expert): "int9" on avx2 and avx512 for bf16 models
     (decode's integers, in an integer GEMM: kernels/cpu/gemm_i16.h), else "exact" or "plain"."""
     ext = cpu_kernels()
     if ext is None:
         return "plain"
-    return "int16" if dtype == torch.bfloat16 and ext.expert_prefill_inputs == "int16" else "exact"
+    return "int9" if dtype == torch.bfloat16 and ext.expert_prefill_inputs == "int9" else "exact"
 
 
 @contextmanager

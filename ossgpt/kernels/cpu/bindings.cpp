@@ -51,11 +51,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("expert_prefill_inputs") = "bf16";   // ... and in prefill (the panels)
 #else
   m.attr("many_rows") = true;    // linear_bf16 takes any number of rows
-  m.attr("expert_decode_inputs") = "int16";   // per 32-block scale (mxfp4.h, rows_matmul_i16 and _i8)
 #if defined(OSSGPT_NEON)
+  m.attr("expert_decode_inputs") = "int16";      // a scale a block of 32 (mxfp4.h, rows_matmul_i16)
   m.attr("expert_prefill_inputs") = "float32";   // float32 panels: exact products
 #else
-  m.attr("expert_prefill_inputs") = "int16";     // the same integers as decode's (gemm_i16.h)
+  m.attr("expert_decode_inputs") = "int9";       // a scale a block of 32 (mxfp4_bytes.h)
+  m.attr("expert_prefill_inputs") = "int9";      // the same integers as decode's (gemm_i16.h)
 #endif
 #endif
   m.def("moe_forward", &moe_forward, "fused MXFP4 mixture of experts (CPU)");

@@ -4,9 +4,9 @@
 // Why: with many tokens per expert the float32 panels (moe.h, gemm.h) run at the float32 FMA
 // peak (an AVX2 fma: 8 products), and prefill is bound by it. Here the weights are decoded once
 // per panel into int16 (each code as the integer 2 * E2M1, in [-12, 12]) and the activations are
-// decode's 16-bit integers (mxfp4::quantize_block: a scale a block of 32, rounded to at most 2**-16
-// of the block's largest), so prefill and decode agree. vpmaddwd makes 16 products an instruction
-// and their integer sums are exact; only the blocks' sums are scaled, in float32.
+// decode's 9-bit integers as int16 (mxfp4::quantize_block: a scale a block of 32, rounded to at
+// most 2**-9 of the block's largest), so prefill and decode agree. vpmaddwd makes 16 products an
+// instruction and their integer sums are exact; only the blocks' sums are scaled, in float32.
 //
 // Layout ("groups"): blocks go in groups of 8, one 32-bit lane each. Vector v (0..15) of a group
 // holds, in lane j, the pair of elements (2v, 2v + 1) of block j. Then a vpmaddwd of a weight

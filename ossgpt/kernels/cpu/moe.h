@@ -45,11 +45,11 @@ inline void swiglu_row(const float* h, int64_t I, float limit, float alpha, floa
 //   Bf16Quads: bf16 in the order of mxfp4::rows_matmul_bf16's registers, padded to whole quads;
 //   Bf16Plain: bf16 in element order, for the bf16 panels;
 //   I16Pairs:  int16 in pair-split order with a scale a block (mxfp4::rows_matmul_i16; neon);
-//   I16Bytes:  16-bit integers as two bytes, with a scale and a sum a block
-//              (mxfp4::rows_matmul_i16_bytes; avx2 and avx512);
+//   I9Bytes:   9-bit integers as a magnitude and a sign byte, with a scale a block
+//              (mxfp4::rows_matmul_i9_bytes; avx2 and avx512);
 //   I16Groups: the same integers as int16 in groups of 8 blocks, with a scale a block, padded to
 //              whole groups (gemm_i16.h: prefill's panels on avx2 and avx512).
-enum class Layout { F32Pairs, Bf16Quads, Bf16Plain, I16Pairs, I16Bytes, I16Groups };
+enum class Layout { F32Pairs, Bf16Quads, Bf16Plain, I16Pairs, I9Bytes, I16Groups };
 
 struct Operand {
   Layout layout;
@@ -58,19 +58,17 @@ struct Operand {
   Buffer<float> f32;       // F32Pairs rows, or the integer layouts' block scales
   Buffer<uint16_t> bf16;   // Bf16* rows
   Buffer<int16_t> i16;     // I16Pairs and I16Groups rows
-  Buffer<int8_t> bytes;    // I16Bytes rows (2 K bytes a row)
-  Buffer<int32_t> sums;    // I16Bytes' 12 * each block's sum (K / 32 a row)
+  Buffer<uint8_t> bytes;   // I9Bytes rows (2 K bytes a row)
 
   Operand(Layout layout_, int64_t P, int64_t K_)
       : layout(layout_), K(K_), stride(row_length(layout_, K_)), scales(scale_count(layout_, K_)),
         f32(layout_ == Layout::F32Pairs ? P * K_ : P * scales),
         bf16(layout_ == Layout::Bf16Quads || layout_ == Layout::Bf16Plain ? P * stride : 0),
         i16(layout_ == Layout::I16Pairs || layout_ == Layout::I16Groups ? P * stride : 0),
-        bytes(layout_ == Layout::I16Bytes ? 2 * P * K_ : 0),
-        sums(layout_ == Layout::I16Bytes ? P * K_ / 32 : 0) {}
+        bytes(layout_ == Layout::I9Bytes ? 2 * P * K_ : 0) {}
 
   static bool integer(Layout layout) {
-    return layout == Layout::I16Pairs || layout == Layout::I16Bytes || layout == Layout::I16Groups;
+    return layout == Layout::I16Pairs || layout == Layout::I9Bytes || layout == Layout::I16Groups;
   }
 
   static int64_t row_length([[maybe_unused]] Layout layout, int64_t K) {
@@ -91,9 +89,8 @@ struct Operand {
   const float* f32_row(int64_t i) const { return f32.get() + i * stride; }
   const uint16_t* bf16_row(int64_t i) const { return bf16.get() + i * stride; }
   const int16_t* i16_row(int64_t i) const { return i16.get() + i * stride; }
-  const int8_t* bytes_row(int64_t i) const { return bytes.get() + 2 * i * stride; }
+  const uint8_t* bytes_row(int64_t i) const { return bytes.get() + 2 * i * stride; }
   const float* block_scales(int64_t i) const { return f32.get() + i * scales; }
-  const int32_t* block_sums(int64_t i) const { return sums.get() + i * (K / 32); }
 
   // Write row i from K floats, reordered so each packed code meets its input.
   void set_row(int64_t i, const float* src) {
@@ -109,12 +106,11 @@ struct Operand {
         throw std::logic_error("moe: bf16 layouts need the avx512bf16 level");
       case Layout::I16Pairs:
         return mxfp4::to_i16_pairs(src, K, i16.get() + i * stride, f32.get() + i * scales);
-      case Layout::I16Bytes:
+      case Layout::I9Bytes:
 #if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)
-        return mxfp4::to_i16_bytes(src, K, bytes.get() + 2 * i * stride, f32.get() + i * scales,
-                                   sums.get() + i * (K / 32));
+        return mxfp4::to_i9_bytes(src, K, bytes.get() + 2 * i * stride, f32.get() + i * scales);
 #endif
-        throw std::logic_error("moe: two-byte inputs need an x86 level");
+        throw std::logic_error("moe: 9-bit inputs need an x86 level");
       case Layout::I16Groups:
 #if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)
         return gemm_i16::to_groups(src, K, i16.get() + i * stride, f32.get() + i * scales);
@@ -251,9 +247,9 @@ inline void expert_matmul(const Operand& x, bool panels, const std::vector<int64
           continue;
         }
 #if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)
-        if (x.layout == Layout::I16Bytes) {
-          mxfp4::tile_matmul_i16_bytes(n, wb, ws, G, x.bytes_row(t), x.block_scales(t), x.block_sums(t), y + t * R,
-                                       R, b, job.r0, job.r1);
+        if (x.layout == Layout::I9Bytes) {
+          mxfp4::tile_matmul_i9_bytes(n, wb, ws, G, x.bytes_row(t), x.block_scales(t), y + t * R, R, b, job.r0,
+                                      job.r1);
           continue;
         }
 #endif
@@ -291,7 +287,7 @@ inline void forward(const float* x, bool bf16, const int64_t* indices, const flo
 #elif defined(OSSGPT_NEON)
   const Layout layout = bf16 && !panels ? Layout::I16Pairs : Layout::F32Pairs;
 #else
-  const Layout layout = !bf16 ? Layout::F32Pairs : panels ? Layout::I16Groups : Layout::I16Bytes;
+  const Layout layout = !bf16 ? Layout::F32Pairs : panels ? Layout::I16Groups : Layout::I9Bytes;
 #endif
   Operand xs(layout, P, C);
   parallel(0, P, 16, [&](int64_t b, int64_t e) {

@@ -170,8 +170,8 @@ inline void tile_matmul(int M, const uint8_t* blocks, const uint8_t* scales, int
 //
 // The float32 products above spend most of their instructions turning codes into floats (on
 // AVX2, 21 a block, where 2 cores' memory brings a block in the time of ~5). Here the codes stay
-// integers and meet x as int16 in integer multiply-adds (smlal; x86 levels use the two-byte form
-// below).
+// integers and meet x as int16 in integer multiply-adds (smlal; x86 levels use 9-bit inputs as
+// bytes, mxfp4_bytes.h).
 // Each block of 32 inputs is held as integers on the scale of its largest element:
 // q = x * 2**(15 - e), 2**(e - 1) <= max |x| < 2**e. A bf16 input within 2**7 of the block's
 // largest is exact so; smaller ones are rounded to 2**(e - 16), a 2**-15 fraction of the largest
