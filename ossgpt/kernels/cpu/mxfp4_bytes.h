@@ -23,10 +23,10 @@ namespace ossgpt::mxfp4 {
 // Why 9 bits: vpmaddubsw multiplies unsigned by signed bytes, so with the inputs' signs moved onto
 // the codes (vpsignb) one vpmaddubsw makes a block's 32 products, where 16-bit inputs as two bytes
 // took two, and their widening two more: 4 multiplies a block became 2, and the multiplies bound
-// the experts' decode (Zen 1 issues one 256-bit multiply every other cycle: the experts read at
-// 1.7x the bytes a second). llama.cpp's AVX2 products move signs the same way with 8-bit inputs
-// (|v| <= 127, twice this error); benchmarks/expert_input_precision.py measures what each costs a
-// model's logits.
+// the experts' decode (Zen 1 issues one 256-bit multiply every other cycle; there one MoE layer's
+// decode took about 15 ms on a thread where it took 24). llama.cpp's AVX2 products move signs the
+// same way with 8-bit inputs (|v| <= 127, twice this error); benchmarks/isa_logits.py and
+// expert_input_precision.py measure what each costs a model's logits.
 
 // One block of 32 inputs -> v[j] and d (0 or NaN, and v all 0, where block_amax finds nothing to
 // scale by).
