@@ -43,12 +43,55 @@ class RMSNorm(nn.Module):
 USE_KERNELS = True
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the bf16 decode kernel where it applies."""
+    y = kernels.linear(x, weight, bias) if USE_KERNELS else None
+    return y if y is not None else F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
-    """nn.Linear, through the bf16 decode kernel where it applies."""
+    """nn.Linear through `linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.linear(x, self.weight, self.bias) if USE_KERNELS else None
-        return y if y is not None else F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
+
+
+class SharedRowsLinear(nn.Module):
+    """An unembedding whose rows are a few distinct rows repeated, as in the bundled nano (its
+    199,259 unused ids share one row: 1,829 distinct rows for 201,088 ids): the logits are the
+    distinct rows' products gathered per id, the full product's numbers (within float32
+    rounding) at a hundredth of its cost; nano's decode is otherwise almost all unembedding.
+
+    `weight` stays the full table, for everything that reads or saves it. Once it changes
+    (trained, written in place, moved or converted), the full product is taken again."""
+
+    def __init__(self, weight: torch.Tensor, row_of: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
+        # one id of each distinct row: their rows are the distinct table (a plain attribute,
+        # not part of the state dict)
+        first = torch.zeros(int(row_of.max()) + 1, dtype=torch.long)
+        first[row_of] = torch.arange(len(row_of))
+        self.distinct = weight.detach()[first.to(weight.device)].clone()
+        self.row_of = row_of.to(weight.device)
+        self._of = self._weight_state()
+
+    def _weight_state(self) -> tuple:
+        return self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.weight.requires_grad and torch.is_grad_enabled()) or self._weight_state() != self._of:
+            return linear(x, self.weight)
+        return linear(x, self.distinct)[..., self.row_of]
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding starting at zeros, like every other weight here: weights are loaded, never
+    trained from a random start, and normal_ on the meta device imports torch._dynamo, 2-3 s of
+    every command's start on a slow CPU."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
 
 
 # -- rotary embedding --------------------------------------------------------------------------
@@ -315,7 +358,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, packed_experts: bool = True):
         super().__init__()
         self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embedding = Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i, packed_experts) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.unembedding = Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -159,11 +159,15 @@ def test_gradient_checkpointing_and_full_method_give_the_same_gradients(tiny_ori
     assert model.blocks[0].mlp.experts.mlp1_weight.grad.abs().sum() > 0
 
 
-def test_default_flags_teach_nano_a_tool_whose_name_it_could_not_write(tmp_path) -> None:
+def test_nano_learns_a_tool_whose_name_it_could_not_write(tmp_path) -> None:
     """The issue's user: a few hundred conversations teaching a new function tool
     (`get_local_time`: `_local` and `_time` have no unembedding row of their own in nano), no
-    flags but --data and --output, then `ossgpt serve --adapter`. Held-out phrasings x cities,
-    through the real server and the `openai` client, against the base on the same prompts."""
+    flags but --data, --output and --steps, then `ossgpt serve --adapter`. Held-out phrasings x
+    cities, through the real server and the `openai` client, against the base on the same prompts.
+
+    30 steps, not the default 100: a default run takes 20 minutes of a slow 2-core CPU (the
+    defaults are measured by benchmarks/finetune_defaults.py: 90% of tool calls by step 20);
+    a 40-step run of this test's data reached 95% of its held-out tool calls by step 20."""
     import openai
     from concurrent.futures import ThreadPoolExecutor
 
@@ -175,7 +179,7 @@ def test_default_flags_teach_nano_a_tool_whose_name_it_could_not_write(tmp_path)
     out = tmp_path / "run"
     t0 = time.time()
     run = subprocess.run([sys.executable, "-m", "ossgpt", "finetune", "--data", str(data),
-                          "--output", str(out)], capture_output=True, text=True)
+                          "--output", str(out), "--steps", "30"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     seconds = time.time() - t0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -191,7 +195,7 @@ def test_default_flags_teach_nano_a_tool_whose_name_it_could_not_write(tmp_path)
         last_user = max(i for i, m in enumerate(record["messages"]) if m["role"] == "user")
         reply = client.chat.completions.create(
             model=model, messages=record["messages"][:last_user + 1], tools=record["tools"],
-            reasoning_effort=record["reasoning_effort"], temperature=0, max_tokens=200)
+            reasoning_effort=record["reasoning_effort"], temperature=0, max_tokens=100)
         calls = reply.choices[0].message.tool_calls or []
         city = json.loads(record["messages"][last_user + 1]["tool_calls"][0]["function"]["arguments"])
         return (len(calls) >= 1 and calls[0].function.name == "get_local_time"
@@ -204,6 +208,6 @@ def test_default_flags_teach_nano_a_tool_whose_name_it_could_not_write(tmp_path)
             base = list(pool.map(lambda r: calls_it(client, "nano", r), held_out))
     tuned_share, base_share = sum(tuned) / len(tuned), sum(base) / len(base)
     print(f"\nnew tool, {len(held_out)} held-out prompts served: adapter {tuned_share:.1%}, base "
-          f"{base_share:.1%}; fine-tuning with default flags took {seconds:.0f} s "
+          f"{base_share:.1%}; fine-tuning took {seconds:.0f} s "
           f"({metrics['steps']} steps)")
     assert tuned_share >= 0.9 and base_share <= 0.05

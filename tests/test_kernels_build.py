@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from ossgpt import kernels
 from ossgpt.kernels import build
@@ -115,8 +116,8 @@ def test_disabled_by_environment():
 
 
 def test_sources_are_compiled_from_a_copy_in_the_build_folder(tmp_path, monkeypatch):
-    """One path for every checkout and environment of the same sources: none recompiles
-    because another built from elsewhere."""
+    """One path for every checkout of the same sources: none recompiles because another built
+    from elsewhere."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     paths = build.staged_sources("avx2")
     assert [p.name for p in paths] == list(build.SOURCES)
@@ -127,6 +128,14 @@ def test_sources_are_compiled_from_a_copy_in_the_build_folder(tmp_path, monkeypa
     stamps = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
     build.staged_sources("avx2")
     assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == stamps    # unchanged: not rewritten
+
+
+def test_each_torch_installation_has_its_own_build(monkeypatch):
+    """The build's commands name torch's include folder: two virtual environments sharing a
+    build folder recompiled in turn, minutes each on a slow CPU. Each keys its own."""
+    here = build.extension_name("avx2")
+    monkeypatch.setattr(torch, "__file__", "/elsewhere/site-packages/torch/__init__.py")
+    assert build.extension_name("avx2") != here
 
 
 def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch, capsys):

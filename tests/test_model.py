@@ -406,3 +406,21 @@ def test_mxfp4_dequantize_matches_transformers_layout(tiny_original, tiny_config
     assert ours.shape == (E, I2, C) and theirs.shape == (E, C, I2)
     assert torch.equal(ours.transpose(1, 2), theirs)
 
+
+
+def test_nanos_shared_rows_unembedding_gives_the_full_products_logits():
+    """The bundled nano's unused ids share one unembedding row: its logits come from the 1,829
+    distinct rows, gathered; the same as the full table's product, in the state dict as ever,
+    and the full product again once the table is written in place (merging trained rows)."""
+    from ossgpt.model import SharedRowsLinear
+
+    model = ossgpt.load("nano", dtype=torch.float32, progress=False)
+    table = model.unembedding
+    assert isinstance(table, SharedRowsLinear) and len(table.distinct) * 100 < len(table.weight)
+    assert [k for k in model.state_dict() if k.startswith("unembedding")] == ["unembedding.weight"]
+    x = torch.randn(3, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = torch.nn.functional.linear(x, table.weight)
+        torch.testing.assert_close(table(x), full, rtol=1e-5, atol=1e-5)
+        table.weight[7] += 1.0
+        assert torch.equal(table(x), torch.nn.functional.linear(x, table.weight))

@@ -23,7 +23,7 @@ from .. import kernels, packed_bf16
 from ..compact_vocab import CompactVocab
 from ..config import ConfigError, ModelConfig
 from ..errors import OssgptError
-from ..model import Linear, Transformer, unpack_experts
+from ..model import Linear, SharedRowsLinear, Transformer, unpack_experts
 from ..parallel.sharding import Shard
 from . import formats, hugepages
 from .formats import HF, ORIGINAL, Source
@@ -174,6 +174,15 @@ def expand_vocab(files: TensorFiles, table: dict[str, Source], config: ModelConf
                               f"match each other or config.json")
     full_emb, full_unemb = CompactVocab(ids, config.vocab_size).expand(emb, unemb, shared)
     return {"embedding.weight": full_emb, "unembedding.weight": full_unemb}
+
+
+def shared_row_index(files: TensorFiles, config: ModelConfig) -> torch.Tensor:
+    """A compact checkpoint's row of each id: its own for the stored ids, one shared row after
+    them for every other id."""
+    ids = files.get(COMPACT_IDS).long()
+    row_of = torch.full((config.vocab_size,), len(ids), dtype=torch.long)
+    row_of[ids] = torch.arange(len(ids))
+    return row_of
 
 
 def _keep_float32(name: str) -> bool:
@@ -377,8 +386,10 @@ def load(ref: str | os.PathLike, device: str | torch.device = "auto",
     if device.type == "cpu" or place is not None:
         kernels.cpu_kernels()    # compiled on first use: its notice comes before the load bar
     pack = frozenset()
+    compact = COMPACT_IDS in files.names()
     if pack_dense and device.type == "cpu" and dtype == torch.bfloat16:
-        pack = frozenset(f"{name}.weight" for name, m in model.named_modules() if type(m) is Linear)
+        pack = frozenset(f"{name}.weight" for name, m in model.named_modules()
+                         if type(m) is Linear and not (compact and name == "unembedding"))
     state = load_state_dict(files, fmt, config, model, dtype, device, progress, pack, shard, place)
     if shard is not None:
         shard.apply(model)
@@ -386,6 +397,8 @@ def load(ref: str | os.PathLike, device: str | torch.device = "auto",
         packed_bf16.swap_in(model, name.removesuffix(".weight"), state.pop(name))
     model.load_state_dict(state, assign=True, strict=True)
     del state
+    if compact:      # the unused ids' logits from their one shared row (model.SharedRowsLinear)
+        model.unembedding = SharedRowsLinear(model.unembedding.weight, shared_row_index(files, config))
     if experts == "dense" or experts == "auto" and device.type == "cuda" and dense_experts_fit(model):
         unpack_experts(model, device)
     model.eval()

@@ -121,13 +121,15 @@ def chosen_level() -> tuple[str, str | None]:
 
 
 def extension_name(level: str) -> str:
-    """The build's name: its level and a digest of its sources, flags, compiler and torch."""
+    """The build's name: its level and a digest of its sources, flags, compiler and torch (its
+    version and where it is installed: the build's commands name torch's include folder, so
+    two virtual environments sharing one build folder would each recompile the other's)."""
     h = hashlib.sha1()
     for p in sorted(CPU_DIR.iterdir()):
         if p.suffix in (".cpp", ".h"):
             h.update(p.name.encode() + p.read_bytes())
     h.update(" ".join(_cflags(level)).encode() + torch.__version__.encode()
-             + compiler().encode())
+             + os.path.dirname(torch.__file__).encode() + compiler().encode())
     return f"ossgpt_cpu_{level}_{h.hexdigest()[:12]}"
 
 
@@ -149,8 +151,8 @@ STALE_LOCK_SECONDS = 600    # a build takes about a minute; an older lock's buil
 def staged_sources(level: str) -> list[Path]:
     """The sources copied into the build's own folder, and the paths to compile.
 
-    Why: torch's builder records the sources' absolute paths, so two checkouts or virtual
-    environments of the same version (same digest, same build folder) would each find the
+    Why: torch's builder records the sources' absolute paths, so two checkouts of the same
+    version run from one environment (same digest, same build folder) would each find the
     other's paths and recompile. Copies in the build folder have one path for all of them."""
     src = build_directory(level) / "src"
     src.mkdir(parents=True, exist_ok=True)
