@@ -77,7 +77,8 @@ class SharedRowsLinear(nn.Module):
         self._of = self._weight_state()
 
     def _weight_state(self) -> tuple:
-        return self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device
+        w = self.weight     # (an inference tensor has no version: it changes only in inference mode)
+        return w.data_ptr(), 0 if w.is_inference() else w._version, w.dtype, w.device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.weight.requires_grad and torch.is_grad_enabled()) or self._weight_state() != self._of:

@@ -162,12 +162,15 @@ def test_gradient_checkpointing_and_full_method_give_the_same_gradients(tiny_ori
 def test_nano_learns_a_tool_whose_name_it_could_not_write(tmp_path) -> None:
     """The issue's user: a few hundred conversations teaching a new function tool
     (`get_local_time`: `_local` and `_time` have no unembedding row of their own in nano), no
-    flags but --data, --output and --steps, then `ossgpt serve --adapter`. Held-out phrasings x
-    cities, through the real server and the `openai` client, against the base on the same prompts.
+    flags but --data, --output, --steps and --task-prompts, then `ossgpt serve --adapter`.
+    Held-out phrasings x cities, through the real server and the `openai` client, against the
+    base on the same prompts.
 
     30 steps, not the default 100: a default run takes 20 minutes of a slow 2-core CPU (the
     defaults are measured by benchmarks/finetune_defaults.py: 90% of tool calls by step 20);
-    a 40-step run of this test's data reached 95% of its held-out tool calls by step 20."""
+    a 40-step run of this test's data reached 95% of its held-out tool calls by step 20. The
+    accuracy fine-tuning records at each of its evaluations is over 10 of the held-out prompts
+    (default 64: all 20 here); the served evaluation after it takes every held-out prompt."""
     import openai
     from concurrent.futures import ThreadPoolExecutor
 
@@ -179,7 +182,8 @@ def test_nano_learns_a_tool_whose_name_it_could_not_write(tmp_path) -> None:
     out = tmp_path / "run"
     t0 = time.time()
     run = subprocess.run([sys.executable, "-m", "ossgpt", "finetune", "--data", str(data),
-                          "--output", str(out), "--steps", "30"], capture_output=True, text=True)
+                          "--output", str(out), "--steps", "30", "--task-prompts", "10"],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     seconds = time.time() - t0
     metrics = json.loads((out / "metrics.json").read_text())
