@@ -16,7 +16,18 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
+
+# pytest-xdist runs test files in several processes at once. Each one's torch, and each command a
+# test starts, would run one OpenMP thread per core, so N workers put N threads on every core and
+# their spinning threads starve each other: on 2 cores, two copies of test_nano's held-out test
+# ran >20 min with 2 threads each, ~310 s with 1 each. Share the cores out instead; a value the
+# user set is kept.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // _WORKERS)))
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS: torch sizes its thread pool from it)
 
 from ossgpt import ModelConfig, kernels
 from ossgpt.checkpoint import write_random
@@ -36,6 +47,18 @@ PEER_DATA = SHARED / "peer-data"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than about a minute (deselect with -m 'not slow')")
+    if "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with the most `slow` tests first, the rest in their usual order. Workers take whole
+    files (--dist loadfile) in this order, so the long files start at once on different workers
+    instead of one of them running last while the other workers sit idle."""
+    slow: dict[Path, int] = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])
 
 
 @pytest.fixture(scope="session")

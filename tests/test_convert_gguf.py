@@ -145,6 +145,7 @@ def test_chat_template_through_llama_cpp(nano_reader, llama_cpp):
 
 # -- back from GGUF -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gguf_back_to_hf_gives_nanos_logits(nano_gguf, tmp_path):
     """Lossless for what nano's GGUF holds: MXFP4 experts (bytes repacked back), bf16 tables
     and float32 norms, biases, sinks and router."""
@@ -157,6 +158,7 @@ def test_gguf_back_to_hf_gives_nanos_logits(nano_gguf, tmp_path):
     assert torch.equal(back, want)
 
 
+@pytest.mark.slow
 def test_q8_0_gguf_back_to_hf(tiny_original, tmp_path):
     """Q8_0 tensors come back dequantized by the gguf package (to bf16), close to the source."""
     write_gguf(Checkpoint(tiny_original), tmp_path / "q8.gguf", outtype="q8_0", progress=False)

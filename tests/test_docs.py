@@ -89,6 +89,7 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, block: Block) ->
     pytest.fail(f"{block}: {url} did not answer within 300 s:\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", [p for p in PAGES if runnable(p)], ids=lambda p: str(p.relative_to(DOCS)))
 def test_page_examples_run(page: Path, tmp_path: Path) -> None:
     background: list[subprocess.Popen] = []

@@ -77,6 +77,7 @@ def _history(out: Path) -> list[dict]:
     return [h for h in torch.load(out / "train_state.pt", weights_only=False)["history"] if "loss" in h]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_continues_the_same_loss_curve(tiny_original, data, tmp_path) -> None:
     straight = _finetune(tiny_original, data, tmp_path / "straight")
     assert straight.wait(600) == 0, straight.stderr.read().decode()
@@ -108,6 +109,7 @@ def test_kill_9_then_resume_continues_the_same_loss_curve(tiny_original, data, t
     assert adapter["peft_type"] == "LORA" and adapter["target_modules"]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tiny_original, data, tmp_path) -> None:
     """torchrun with 2 CPU processes (gloo) on the same global batches: the same losses."""
     args = ["--model", str(tiny_original), "--data", str(data), "--steps", "4",
@@ -159,6 +161,7 @@ def test_gradient_checkpointing_and_full_method_give_the_same_gradients(tiny_ori
     assert model.blocks[0].mlp.experts.mlp1_weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_nano_learns_a_tool_whose_name_it_could_not_write(tmp_path) -> None:
     """The issue's user: a few hundred conversations teaching a new function tool
     (`get_local_time`: `_local` and `_time` have no unembedding row of their own in nano), no

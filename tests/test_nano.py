@@ -31,6 +31,7 @@ def test_bundled_checkpoint_is_small_and_real_architecture(nano_model):
     assert cfg.rope_scaling_factor == 32.0                   # YaRN
 
 
+@pytest.mark.slow
 def test_held_out_accuracy(nano_model):
     results = nano.evaluate(nano_model, n_per_family=N_PER_FAMILY, progress=False)
     for family, r in results.items():
