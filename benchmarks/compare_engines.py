@@ -470,8 +470,9 @@ def main(argv: list[str] | None = None) -> None:
     if "llama.cpp" in engines:
         try:
             job["gguf"] = str(convert_to_gguf(checkpoint))
-        except ImportError:
-            results["llama.cpp"] = {"skipped": f"llama-cpp-python is not installed: {LLAMA_INSTALL}"}
+        except ImportError as e:   # the package, or one of its dependencies (--target installs lack them)
+            missing = "llama-cpp-python is not installed" if e.name == "llama_cpp" else f"llama_cpp: {e}"
+            results["llama.cpp"] = {"skipped": f"{missing}: {LLAMA_INSTALL}"}
         except subprocess.CalledProcessError as e:
             results["llama.cpp"] = {"skipped": f"GGUF conversion failed: {e}"}
         if "skipped" in results.get("llama.cpp", {}):
