@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 import tempfile
 from pathlib import Path
 
@@ -47,17 +48,13 @@ PEER_DATA = SHARED / "peer-data"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than about a minute (deselect with -m 'not slow')")
-    if "OMP_NUM_THREADS" in os.environ:
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Files with the most `slow` tests first, the rest in their usual order. Workers take whole
     files (--dist loadfile) in this order, so the long files start at once on different workers
     instead of one of them running last while the other workers sit idle."""
-    slow: dict[Path, int] = {}
-    for item in items:
-        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.path])
 
 
