@@ -85,21 +85,25 @@ def _int9_blocks(x: torch.Tensor) -> torch.Tensor:
     return q.reshape(x.shape)
 
 
-@pytest.mark.parametrize("tokens", [1, 100])
+@pytest.mark.parametrize("tokens", [1, 6, 100])
+@pytest.mark.parametrize("blocks", [(3, 5), (19, 10)])
 @torch.inference_mode()
-def test_fused_moe_int9_inputs_equal_their_reference(isa, odd_config, tokens):
+def test_fused_moe_int9_inputs_equal_their_reference(isa, odd_config, tokens, blocks):
     """Where a bf16 model's experts take 9-bit inputs (avx2 and avx512: decode's byte products,
     and prefill's integer GEMM, gemm_i16.h), the kernel equals the plain float64 product of the
     same integers: the inputs of both products quantized per block, the weights exact, every sum
-    exact or float32. 1 token: decode's byte products; 100 (20 per expert): prefill's panels."""
+    exact or float32. 1 token: decode's byte products; 6: the same with several tokens an expert;
+    100 (20 per expert): prefill's panels. Blocks a row (hidden, intermediate): (19, 10) takes the
+    decode products' groups of 8 blocks, then a pair and a lone block, or one pair."""
     if kernels.expert_decode_inputs(torch.bfloat16) != "int9":
         pytest.skip(f"{isa} gives a bf16 model's experts exact inputs (or NEON's 16-bit integers)")
     assert kernels.expert_prefill_inputs(torch.bfloat16) == "int9"
-    moe = _random_moe(odd_config, torch.bfloat16)
-    x = torch.randn(tokens, odd_config.hidden_size, generator=torch.Generator().manual_seed(tokens))
+    config = dataclasses.replace(odd_config, hidden_size=32 * blocks[0], intermediate_size=32 * blocks[1])
+    moe = _random_moe(config, torch.bfloat16)
+    x = torch.randn(tokens, config.hidden_size, generator=torch.Generator().manual_seed(tokens))
     t, idx, gates = _routed(moe, x.bfloat16())
     fused = kernels.moe(t, idx, gates, moe.experts, moe.limit)
-    truth = torch.zeros(tokens, odd_config.hidden_size, dtype=torch.float64)
+    truth = torch.zeros(tokens, config.hidden_size, dtype=torch.float64)
     for e in idx.unique().tolist():
         token, slot = torch.where(idx == e)
         w1, w2 = (w.double() for w in moe.experts.weights(e, torch.float32))

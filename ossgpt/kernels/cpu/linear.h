@@ -239,7 +239,12 @@ void packed_rows(const PackedBF16& w, const Inputs& in, const uint16_t* bias, ui
     simd::F acc[U][M];
     for (int u = 0; u < U; ++u)
       for (int m = 0; m < M; ++m) acc[u][m] = simd::zero();
-    for (int64_t c = 0; c < K; c += 64)
+    for (int64_t c = 0; c < K; c += 64) {
+      // the rows stream from memory as two arrays; the hardware prefetcher alone left a thread
+      // ~15% slower than from L2 (Zen 1, 1.77 against 2.04 multiply-adds a cycle), 1 KiB of sm
+      // and 512 bytes of nib ahead close it
+      __builtin_prefetch(w.sm + r * K + c + 1024, 0, 3);
+      __builtin_prefetch(w.nib + r * (K / 2) + c / 2 + 512, 0, 3);
       for (int h = 0; h < 2; ++h) {
         simd::F v[V];
         decoder.f32(w, r, c, h, v);
@@ -247,6 +252,7 @@ void packed_rows(const PackedBF16& w, const Inputs& in, const uint16_t* bias, ui
           for (int m = 0; m < M; ++m)
             acc[i % U][m] = simd::fmadd(v[i], simd::load(x + m * K + c + 32 * h + simd::W * i), acc[i % U][m]);
       }
+    }
     for (int m = 0; m < M; ++m) {
       simd::F sum = acc[0][m];
       for (int u = 1; u < U; ++u) sum = simd::add(sum, acc[u][m]);

@@ -58,14 +58,14 @@ struct Operand {
   Buffer<float> f32;       // F32Pairs rows, or the integer layouts' block scales
   Buffer<uint16_t> bf16;   // Bf16* rows
   Buffer<int16_t> i16;     // I16Pairs and I16Groups rows
-  Buffer<uint8_t> bytes;   // I9Bytes rows (2 K bytes a row)
+  Buffer<uint8_t> bytes;   // I9Bytes rows (2 stride bytes a row)
 
   Operand(Layout layout_, int64_t P, int64_t K_)
       : layout(layout_), K(K_), stride(row_length(layout_, K_)), scales(scale_count(layout_, K_)),
         f32(layout_ == Layout::F32Pairs ? P * K_ : P * scales),
         bf16(layout_ == Layout::Bf16Quads || layout_ == Layout::Bf16Plain ? P * stride : 0),
         i16(layout_ == Layout::I16Pairs || layout_ == Layout::I16Groups ? P * stride : 0),
-        bytes(layout_ == Layout::I9Bytes ? 2 * P * K_ : 0) {}
+        bytes(layout_ == Layout::I9Bytes ? 2 * P * stride : 0) {}
 
   static bool integer(Layout layout) {
     return layout == Layout::I16Pairs || layout == Layout::I9Bytes || layout == Layout::I16Groups;
@@ -77,6 +77,7 @@ struct Operand {
 #endif
 #if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)
     if (layout == Layout::I16Groups) return gemm_i16::groups(K / 32) * gemm_i16::kGroupValues;
+    if (layout == Layout::I9Bytes) return mxfp4::i9_pairs(K / 32) * 64;   // whole pairs of blocks
 #endif
     return K;
   }
