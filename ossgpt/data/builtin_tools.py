@@ -146,21 +146,27 @@ def _declared(rng: random.Random, own: str) -> tuple[str, ...]:
     return ("browser", "python") if rng.random() < 0.3 else (own,)
 
 
+def _fact(n: int, k: int) -> tuple[str, str, str, str, str, str]:
+    """Entity n's attribute k: (entity name, attribute noun, value, unit, the corpus file that
+    states it, the line that does)."""
+    kind, name, facts = entities()[n]
+    folder, _, attrs = _KINDS[kind]
+    label, noun, unit = attrs[k]
+    return (name, noun, facts[k], unit, f"{folder}/{name.lower().replace(' ', '-')}.md",
+            f"{label}: {facts[k]}{unit}.")
+
+
 @functools.cache
 def _browse(n: int, k: int) -> tuple[str, str, int, str, int]:
     """Entity n's attribute k looked up as the model would (search, open the matching result):
     (search arguments, results, link, page, fact's line). Cached: a test split draws the same
     120 lookups thousands of times while it collects its distinct keys."""
-    kind, name, facts = entities()[n]
-    folder, _, attrs = _KINDS[kind]
-    label, noun, unit = attrs[k]
-    path = f"{folder}/{name.lower().replace(' ', '-')}.md"
+    name, noun, _, _, path, fact = _fact(n, k)
     browser = new_browser()
     search_args = json.dumps({"query": f"{name} {noun}", "topn": 3})
     results = browser.call("search", search_args)
     link = next(i for i, target in browser.stack[0].links.items() if target == path)
     page = browser.call("open", json.dumps({"id": int(link)}))
-    fact = f"{label}: {facts[k]}{unit}."
     line = next(i for i, text in enumerate(browser.stack[1].lines) if text == fact)
     return search_args, results, int(link), page, line
 
@@ -168,16 +174,11 @@ def _browse(n: int, k: int) -> tuple[str, str, int, str, int]:
 def browser_draft(rng: random.Random) -> Draft:
     """search -> open the matching result -> answer with a citation; outputs from BrowserTool."""
     n = rng.randrange(len(entities()))
-    kind, name, facts = entities()[n]
-    folder, _, attrs = _KINDS[kind]
-    k, t = rng.randrange(len(attrs)), rng.randrange(len(_BROWSER_Q))
-    label, noun, unit = attrs[k]
-    value = facts[k]
-    path = f"{folder}/{name.lower().replace(' ', '-')}.md"
+    k, t = rng.randrange(len(_KINDS[entities()[n][0]][2])), rng.randrange(len(_BROWSER_Q))
+    name, noun, value, unit, path, fact = _fact(n, k)
     query = f"{name} {noun}"
     search_args, results, link, page, line = _browse(n, k)
     open_args = json.dumps({"id": link})
-    fact = f"{label}: {value}{unit}."
     cite = f"【1†L{line}-L{line}】"
     msgs = [{"role": "user", "content": _BROWSER_Q[t].format(a=noun, e=name)},
             {"role": "assistant", "reasoning": f"The user asks for the {noun} of {name}. I do not "
