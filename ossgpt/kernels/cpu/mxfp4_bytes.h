@@ -45,8 +45,8 @@ inline void quantize_block(const float* b, int32_t v[32], float& d) {
 // (block g's 16, then block g + 1's) masked give both blocks' even elements, shifted their odd
 // ones, where one block a register took a broadcast, a variable shift and a mask; the two blocks'
 // 16-bit sums add before they widen (one vpmaddwd a pair, not one a block), and 8 blocks' sums
-// reduce in 3 vphaddd, not 8. One thread on Zen 1, weights in L2: 8.0 cycles a block became 5.3;
-// streaming from memory 8.7 became 5.6 (with the prefetch below).
+// reduce in 3 vphaddd (6 and two lane permutes before). One thread on Zen 1, weights in L2: 8.0
+// cycles a block became 5.3; streaming from memory 8.7 became 5.6 (with the prefetch below).
 // A row of inputs is laid out to match: per pair, 128 bytes
 //   |v| of g's even elements, of g + 1's even, of g's odd, of g + 1's odd (16 bytes each),
 //   then their signs in the same order;
