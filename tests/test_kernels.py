@@ -255,11 +255,14 @@ def test_dequantize_bf16_bit_exact_for_every_scale(isa):
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (256, 3, 16), generator=g, dtype=torch.uint8)
     scales = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 3).contiguous()
-    fast = kernels.dequantize_bf16(blocks, scales)
-    plain = mxfp4.dequantize(blocks, scales, torch.bfloat16)
-    nan = plain.isnan()
-    assert torch.equal(fast.isnan(), nan)
-    assert torch.equal(fast[~nan].view(torch.int16), plain[~nan].view(torch.int16))
+    for dtype, bits in ((torch.bfloat16, torch.int16), (torch.float32, torch.int32)):
+        # float32 through the model's _dequantize: the bf16 kernel, widened
+        fast = model._dequantize(blocks, scales, dtype) if dtype == torch.float32 else \
+            kernels.dequantize_bf16(blocks, scales)
+        plain = mxfp4.dequantize(blocks, scales, dtype)
+        nan = plain.isnan()
+        assert fast.dtype == dtype and torch.equal(fast.isnan(), nan)
+        assert torch.equal(fast[~nan].view(bits), plain[~nan].view(bits))
 
 
 def test_grad_and_wrapped_experts_take_the_plain_path(isa, odd_config):

@@ -149,3 +149,23 @@ def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch
     build.clear_stale_lock("avx2")
     assert not lock.exists()
     assert "removing a stale build lock" in capsys.readouterr().err
+
+
+def test_another_ninja_first_on_path_does_not_recompile():
+    """The build's own ninja runs whatever PATH holds: a system ninja of another version first on
+    PATH (/usr/bin's 1.11 beside the package's 1.13) once found every build "changed" and
+    recompiled it, a minute each time, whenever processes with different PATHs took turns."""
+    ext = kernels.cpu_kernels()
+    if ext is None:
+        pytest.skip("no kernels build on this machine")
+    level = ext.level()
+    library = next(build.build_directory(level).glob(f"{build.extension_name(level)}.*"))
+    stamps = []
+    for first in (build.ninja_folder() or "", "/usr/bin"):     # the package's ninja, a system one
+        out = _run("from ossgpt import kernels; print(kernels.cpu_kernels().level())",
+                   PATH=os.pathsep.join([first, "/usr/bin", "/bin", os.environ.get("PATH", "")]),
+                   OSSGPT_ISA=level)
+        assert out.returncode == 0 and out.stdout.strip() == level, out.stderr
+        assert "compiling" not in out.stderr
+        stamps.append(library.stat().st_mtime_ns)
+    assert stamps[0] == stamps[1]

@@ -9,7 +9,11 @@ import torch
 import ossgpt
 from ossgpt import nano
 
-N_PER_FAMILY = 200  # every held-out prompt (a few families have fewer)
+# The first 100 held-out prompts of each family (refusal has 50): 100 s alone on a 2-core Zen 1
+# (all 200: 334 s in the suite, beside another worker). Every one is measured by
+# `ossgpt eval-nano --n 200` (the figures below); on these 100: addition 96%, subtraction 97%,
+# capitals 97%, strings 88%, tools 90% (right tool 100%), refusal 100%, small talk 90%.
+N_PER_FAMILY = 100
 
 
 @pytest.fixture(scope="module")

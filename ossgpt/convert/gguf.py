@@ -1,5 +1,6 @@
-"""GGUF, the file llama.cpp, llama-cpp-python, Ollama and LM Studio run, written and read through
-the `gguf` package that llama.cpp maintains (the format is never hand-written here).
+"""GGUF, the file llama.cpp, llama-cpp-python, Ollama and LM Studio run, written through the
+`gguf` package that llama.cpp maintains and read back by gguf_file (its header; the tensors'
+values are still dequantized by the package).
 
 What a gpt-oss GGUF holds, as llama.cpp's own converter (`conversion/gpt_oss.py`) makes it:
 architecture "gpt-oss"; the experts' mlp1 split into `ffn_gate_exps` (its even rows: the gate)
@@ -32,6 +33,7 @@ from ..config import ModelConfig
 from ..errors import OssgptError
 from ..files import atomic_file
 from ..model import Transformer
+from .gguf_file import GGUFFile
 
 ARCH = "gpt-oss"
 OUTTYPES = ("bf16", "q8_0")
@@ -221,11 +223,6 @@ def write_gguf(src: Checkpoint, path: str | os.PathLike, outtype: str = "bf16",
 
 # -- reading ------------------------------------------------------------------------------------
 
-def _field(reader: gguf.GGUFReader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 class GGUFModel:
     """A gpt-oss GGUF read back by the model's tensor names (`get`, as Checkpoint.get), for
     writing as a checkpoint: MXFP4 experts keep their bytes (repacked), every other tensor is
@@ -233,11 +230,8 @@ class GGUFModel:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        try:
-            reader = gguf.GGUFReader(self.path)
-        except (OSError, ValueError, KeyError) as e:
-            raise OssgptError(f"{self.path}: not a readable GGUF file ({e})") from None
-        arch = _field(reader, "general.architecture")
+        reader = GGUFFile(self.path)
+        arch = reader.fields.get("general.architecture")
         if arch != ARCH:
             raise OssgptError(f"{self.path}: a GGUF of architecture {arch!r}; ossgpt converts "
                               f"only {ARCH!r} (gpt-oss) models")
@@ -267,29 +261,29 @@ class GGUFModel:
                 raise OssgptError(f"{self.path}: tensor {name} is {t.tensor_type.name}, but the "
                                   f"experts must be all MXFP4 or none")
 
-    def _config(self, reader) -> ModelConfig:
-        K = gguf.Keys.LLM
+    def _config(self, reader: GGUFFile) -> ModelConfig:
+        K, field = gguf.Keys.LLM, reader.fields.get
         key = lambda k: k.format(arch=ARCH)  # noqa: E731
         try:
             embd = self.tensors["token_embd.weight"]
             fields = {
-                "num_hidden_layers": _field(reader, key(K.BLOCK_COUNT)),
-                "num_experts": _field(reader, key(K.EXPERT_COUNT)),
-                "experts_per_token": _field(reader, key(K.EXPERT_USED_COUNT)),
+                "num_hidden_layers": field(key(K.BLOCK_COUNT)),
+                "num_experts": field(key(K.EXPERT_COUNT)),
+                "experts_per_token": field(key(K.EXPERT_USED_COUNT)),
                 "vocab_size": int(embd.shape[1]),
-                "hidden_size": _field(reader, key(K.EMBEDDING_LENGTH)),
-                "intermediate_size": _field(reader, key(K.EXPERT_FEED_FORWARD_LENGTH),
-                                            _field(reader, key(K.FEED_FORWARD_LENGTH))),
-                "head_dim": _field(reader, key(gguf.Keys.Attention.KEY_LENGTH)),
-                "num_attention_heads": _field(reader, key(gguf.Keys.Attention.HEAD_COUNT)),
-                "num_key_value_heads": _field(reader, key(gguf.Keys.Attention.HEAD_COUNT_KV)),
-                "sliding_window": _field(reader, key(gguf.Keys.Attention.SLIDING_WINDOW)),
-                "rms_norm_eps": _field(reader, key(gguf.Keys.Attention.LAYERNORM_RMS_EPS)),
-                "rope_theta": _field(reader, key(gguf.Keys.Rope.FREQ_BASE)),
-                "rope_scaling_factor": _field(reader, key(gguf.Keys.Rope.SCALING_FACTOR), 1.0),
-                "initial_context_length": _field(reader, key(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN)),
-                "rope_ntk_beta": _field(reader, key(gguf.Keys.Rope.SCALING_YARN_BETA_FAST)),
-                "rope_ntk_alpha": _field(reader, key(gguf.Keys.Rope.SCALING_YARN_BETA_SLOW)),
+                "hidden_size": field(key(K.EMBEDDING_LENGTH)),
+                "intermediate_size": field(key(K.EXPERT_FEED_FORWARD_LENGTH),
+                                 field(key(K.FEED_FORWARD_LENGTH))),
+                "head_dim": field(key(gguf.Keys.Attention.KEY_LENGTH)),
+                "num_attention_heads": field(key(gguf.Keys.Attention.HEAD_COUNT)),
+                "num_key_value_heads": field(key(gguf.Keys.Attention.HEAD_COUNT_KV)),
+                "sliding_window": field(key(gguf.Keys.Attention.SLIDING_WINDOW)),
+                "rms_norm_eps": field(key(gguf.Keys.Attention.LAYERNORM_RMS_EPS)),
+                "rope_theta": field(key(gguf.Keys.Rope.FREQ_BASE)),
+                "rope_scaling_factor": field(key(gguf.Keys.Rope.SCALING_FACTOR), 1.0),
+                "initial_context_length": field(key(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN)),
+                "rope_ntk_beta": field(key(gguf.Keys.Rope.SCALING_YARN_BETA_FAST)),
+                "rope_ntk_alpha": field(key(gguf.Keys.Rope.SCALING_YARN_BETA_SLOW)),
             }
         except KeyError as e:
             raise OssgptError(f"{self.path}: missing tensor {e} (not a gpt-oss GGUF)") from None
@@ -301,12 +295,12 @@ class GGUFModel:
         except OssgptError as e:
             raise OssgptError(f"{self.path}: {e}") from None
 
-    def _check_tokenizer(self, reader) -> None:
+    def _check_tokenizer(self, reader: GGUFFile) -> None:
         """Only o200k_harmony can be converted: ossgpt writes its own tokenizer.json."""
         tokens = reader.fields.get("tokenizer.ggml.tokens")
-        pre = _field(reader, "tokenizer.ggml.pre")
-        ok = tokens is not None and pre == "gpt-4o" and len(tokens.data) == tok.VOCAB_SIZE and all(
-            bytes(tokens.parts[tokens.data[i]]).decode() == text for i, text in NAMED_SPECIAL.items())
+        pre = reader.fields.get("tokenizer.ggml.pre")
+        ok = isinstance(tokens, list) and pre == "gpt-4o" and len(tokens) == tok.VOCAB_SIZE and all(
+            tokens[i] == text for i, text in NAMED_SPECIAL.items())
         if not ok:
             raise OssgptError(f"{self.path}: its tokenizer is not o200k_harmony (pre-tokenizer "
                               f"{pre!r}), the only one a gpt-oss checkpoint ships")

@@ -129,7 +129,8 @@ def extension_name(level: str) -> str:
         if p.suffix in (".cpp", ".h"):
             h.update(p.name.encode() + p.read_bytes())
     h.update(" ".join(_cflags(level)).encode() + torch.__version__.encode()
-             + os.path.dirname(torch.__file__).encode() + compiler().encode())
+             + os.path.dirname(torch.__file__).encode() + compiler().encode()
+             + (ninja_folder() or "").encode())
     return f"ossgpt_cpu_{level}_{h.hexdigest()[:12]}"
 
 
@@ -190,6 +191,20 @@ def compiler() -> str:
     return os.environ.get("CXX", "c++")
 
 
+def ninja_folder() -> str | None:
+    """The folder of the ninja that builds (and names) the extension: the `ninja` package's (a
+    requirement of ossgpt), else the first on PATH. Why one ninja: torch runs whichever is first
+    on PATH, and two versions (the package's 1.13, a system's 1.11) hash the commands they log
+    differently, so each finds the other's build "changed" and recompiles all of it, silently:
+    seen every minute or two under the test suite, whose subprocesses differ in PATH."""
+    try:
+        import ninja
+        return ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        found = shutil.which("ninja")
+        return os.path.dirname(found) if found else None
+
+
 def have_compiler() -> bool:
     return shutil.which(compiler()) is not None
 
@@ -219,9 +234,18 @@ def build(level: str) -> ModuleType | None:
                 print(f"ossgpt: compiling CPU kernels for {level}, once (about a minute; cached in "
                       f"{build_directory(level).parent})", file=sys.stderr, flush=True)
             clear_stale_lock(level)
-            module = load(name=extension_name(level), sources=[str(p) for p in staged_sources(level)],
-                          extra_cflags=_cflags(level), extra_ldflags=[] if sys.platform == "darwin" else ["-fopenmp"],
-                          verbose=False)
+            path = os.environ.get("PATH")
+            if folder := ninja_folder():
+                os.environ["PATH"] = os.pathsep.join([folder, *([path] if path else [])])
+            try:
+                module = load(name=extension_name(level), sources=[str(p) for p in staged_sources(level)],
+                              extra_cflags=_cflags(level),
+                              extra_ldflags=[] if sys.platform == "darwin" else ["-fopenmp"], verbose=False)
+            finally:
+                if path is None:
+                    os.environ.pop("PATH", None)
+                else:
+                    os.environ["PATH"] = path
             if module.level() != level:    # the compiler ignored the level's flags
                 raise RuntimeError(f"the build is for {module.level()}, not {level}")
         except Exception as e:  # no compiler, too old a compiler: a lower level or the plain path
