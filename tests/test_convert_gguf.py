@@ -112,6 +112,46 @@ def test_our_reader_reads_what_the_gguf_package_reads(nano_gguf, nano_reader, tm
             GGUFFile(tmp_path / "cut.gguf")
 
 
+@pytest.mark.parametrize("order", list(gguf.GGUFEndian), ids=lambda e: e.name.lower())
+def test_our_reader_reads_every_value_type_in_either_byte_order(tmp_path, order):
+    """Written by the package's GGUFWriter, read by both: every scalar type, strings (non-ASCII
+    too), arrays of numbers, of strings and of arrays, tensors F32, F16, Q8_0 and MXFP4."""
+    path = tmp_path / "all.gguf"
+    w = gguf.GGUFWriter(path, "test", endianess=order)
+    for i, kind in enumerate(("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64")):
+        getattr(w, f"add_{kind}")(f"k.{kind}", (-1) ** i * (i + 1) if kind.startswith("int") else i + 1)
+    w.add_float32("k.float32", 1e-5)
+    w.add_float64("k.float64", 1 / 3)
+    w.add_bool("k.bool", True)
+    w.add_string("k.string", "café 中文 ▁Ġ")
+    w.add_array("k.ints", [3, -1, 4])
+    w.add_array("k.floats", [0.5, 2.25])
+    w.add_array("k.strings", ["", "a b", "ünï"])
+    w.add_array("k.nested", [[1, 2], [3]])
+    g = np.random.default_rng(0)
+    w.add_tensor("t.f32", g.standard_normal((3, 4)).astype(np.float32))
+    w.add_tensor("t.f16", g.standard_normal((2, 8)).astype(np.float16))
+    for name, q in (("t.q8", gguf.GGMLQuantizationType.Q8_0), ("t.mxfp4", gguf.GGMLQuantizationType.MXFP4)):
+        data = gguf.quants.quantize(g.standard_normal((2, 64)).astype(np.float32), q)
+        w.add_tensor(name, data, raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    for key, field in theirs.fields.items():
+        if not key.startswith("GGUF.") and key != "k.nested":
+            value = ours.fields[key]
+            assert (value.tolist() if isinstance(value, np.ndarray) else value) == field.contents(), key
+    assert ours.fields["k.nested"] == [[1, 2], [3]]      # the package flattens it: [1, 2, 3]
+    assert sum(ours.fields["k.nested"], []) == theirs.fields["k.nested"].contents()
+    assert ours.fields["k.string"] == "café 中文 ▁Ġ" and ours.fields["k.int16"] == -4
+    assert len(ours.tensors) == len(theirs.tensors) == 4
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.name, a.tensor_type, a.shape, a.data.shape) == (b.name, b.tensor_type, tuple(b.shape.tolist()), b.data.shape)
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
+
+
 def test_nano_gguf_in_llama_cpp_matches_ossgpt(nano_gguf, llama_cpp):
     prompt = render_prompt([{"role": "user", "content": QUESTION}], date="", reasoning_effort="low")
     llm = llama_cpp.Llama(str(nano_gguf), n_ctx=512, n_threads=2, logits_all=True, verbose=False)

@@ -133,4 +133,5 @@ class GGUFFile:
                 offs += 8 + n
             self._offs = offs
             return out
-        return [self._value(item) for _ in range(count)]
+        values = [self._value(item) for _ in range(count)]     # arrays of arrays, as lists
+        return [v.tolist() if isinstance(v, np.ndarray) else v for v in values]
