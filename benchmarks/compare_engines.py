@@ -6,8 +6,9 @@
 
 Every engine runs in its own subprocess (so peak RSS is per engine and memory is freed in
 between) on the same token ids: a random prompt of --prompt-tokens for load time, prefill
-tokens/s and time to first token, then --decode-steps greedy steps after 128-token prompts per
-batch size (as `ossgpt bench`, ossgpt/bench.py, which the ossgpt row uses as it is).
+tokens/s and time to first token, then --decode-steps greedy steps after 128-token prompts (or
+--prompt-tokens, if fewer) per batch size of --batches (default 1 and 8), as `ossgpt bench`
+(ossgpt/bench.py) does, which the ossgpt row uses as it is.
 
 - ossgpt holds the dense weights in its lossless 12-bit packed form (ossgpt/packed_bf16.py), as
   its CLI does; the optional engine `ossgpt-bf16` measures it with them plain bf16.
@@ -430,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=4, help="layers of the random checkpoint")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--batches", default="1,8", help="decode batch sizes, comma-separated (e.g. 1 alone "
+                   "for an engine whose batch-8 prompts would take most of an hour)")
     p.add_argument("--engines", default=",".join(ENGINES),
                    help="comma-separated: " + ", ".join(ENGINES + OPTIONAL_ENGINES))
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -460,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = prepare_checkpoint(args)
     config = ModelConfig.from_file(checkpoint / "config.json")
     load_avg = os.getloadavg()
-    batches = [1, 8]
+    batches = [int(b) for b in args.batches.split(",")]
     job = {"checkpoint": str(checkpoint), "threads": args.threads, "seed": 0, "batches": batches,
            "device": args.device, "isa": args.isa, "llama_cpp_path": args.llama_cpp_path,
            "decode_steps": args.decode_steps, "prompt": random_prompts(1, args.prompt_tokens, 0)[0],
