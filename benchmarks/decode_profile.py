@@ -5,13 +5,16 @@ and the rate that implies (compare with the bf16 GEMM rate measured here: batche
 by arithmetic where one token is bound by memory).
 
     python benchmarks/decode_profile.py --model DIR [--steps 16] [--context 128] [--batch 1] [--plain]
-                                        [--no-pack-dense]
+                                        [--no-pack-dense] [--prefill TOKENS]
 
 --plain runs the plain PyTorch path (model.USE_KERNELS = False) instead of the fast kernels.
 --no-pack-dense keeps the dense weights plain bf16 (by default they are packed, as the CLI loads
 them: ossgpt/packed_bf16.py).
 --batch B decodes B sequences at once: the times are per step (B tokens), and the experts'
 bytes are those of the distinct experts the step's tokens route to (at most the layer's all).
+--prefill TOKENS profiles one prefill of a TOKENS-long prompt instead (after a warm-up one):
+seconds per part and the multiply-adds a second each part makes (attention over the keys left
+out), beside the bf16 GEMM's rate; prefill is bound by arithmetic, not bytes.
 """
 
 from __future__ import annotations
@@ -106,6 +109,48 @@ def profile(net, steps: int, context: int, batch: int = 1) -> dict[str, float]:
     return {part: seconds / steps for part, seconds in totals.items()}
 
 
+@torch.inference_mode()
+def profile_prefill(net, tokens: int) -> dict[str, float]:
+    """Seconds one prefill of `tokens` tokens spends in each part, timed by forward hooks."""
+    totals: dict[str, float] = defaultdict(float)
+    started: dict[str, float] = {}
+
+    def timed(module: torch.nn.Module, part: str) -> None:
+        module.register_forward_pre_hook(lambda *_: started.__setitem__(part, time.perf_counter()))
+        module.register_forward_hook(
+            lambda *_: totals.__setitem__(part, totals[part] + time.perf_counter() - started[part]))
+
+    for b in net.blocks:
+        timed(b.attn, "attention")
+        timed(b.mlp, "experts")
+    timed(net.unembedding, "unembedding")
+    prompt = random_prompts(1, tokens)
+    prefill(net, prompt, net.make_cache())                                  # warm-up
+    totals.clear()
+    t0 = time.perf_counter()
+    prefill(net, prompt, net.make_cache())
+    totals["total"] = time.perf_counter() - t0
+    return dict(totals)
+
+
+def print_prefill(net, tokens: int) -> None:
+    seconds = profile_prefill(net, tokens)
+    per_token = macs_per_step(net)
+    macs = {"attention": per_token["attention"] * tokens, "experts": per_token["experts"] * tokens,
+            "unembedding": per_token["unembedding"]}                      # the last token's logits
+    print(f"{'part':<12} {'s':>8} {'share':>6} {'GMAC':>8} {'GMAC/s':>7}")
+    for part in ("attention", "experts", "unembedding"):
+        print(f"{part:<12} {seconds[part]:8.3f} {seconds[part] / seconds['total']:6.1%} "
+              f"{macs[part] / 1e9:8.2f} {macs[part] / seconds[part] / 1e9:7.1f}")
+    other = seconds["total"] - sum(seconds[p] for p in macs)
+    print(f"{'other':<12} {other:8.3f} {other / seconds['total']:6.1%}")
+    total = sum(macs.values())
+    print(f"{'total':<12} {seconds['total']:8.3f} {1:6.1%} {total / 1e9:8.2f} {total / seconds['total'] / 1e9:7.1f}"
+          f"   ({tokens / seconds['total']:.1f} tok/s, {tokens}-token prompt, {torch.get_num_threads()} threads)")
+    print(f"bf16 GEMM here: {gemm_gmacs():.1f} GMAC/s (oneDNN, 1024 x 2880 x 2880, "
+          f"{torch.get_num_threads()} threads)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -114,9 +159,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--plain", action="store_true")
     ap.add_argument("--pack-dense", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--prefill", type=int, metavar="TOKENS")
     args = ap.parse_args()
     model_module.USE_KERNELS = not args.plain
     net = ossgpt.load(args.model, dtype=torch.bfloat16, pack_dense=args.pack_dense and not args.plain)
+    if args.prefill:
+        print_prefill(net, args.prefill)
+        return
     sizes, macs = bytes_per_step(net, args.batch), macs_per_step(net, args.batch)
     seconds = profile(net, args.steps, args.context, args.batch)
     print(f"{'part':<12} {'ms/step':>9} {'MB read':>9} {'GB/s':>7} {'GMAC':>7} {'GMAC/s':>7}")

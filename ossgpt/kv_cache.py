@@ -72,31 +72,50 @@ class KVCache:
 
 class SlidingKVCache:
     """A sliding-window layer's cache: only the last `window` slots are kept, since no later
-    query can see further back. Attention sees the kept slots plus the new ones."""
+    query can see further back. Attention sees the kept slots plus the new ones.
+
+    Once full, one new token a row (decode) takes the oldest slot in place: the slots are then
+    a ring, `oldest` the next one written. Why: a new tensor each step cost about 0.4 ms a layer
+    in page faults on a slow CPU, and attention does not care about the keys' order (their
+    positions make its mask). `contents()` gives them in order."""
 
     def __init__(self, window: int) -> None:
         self.window = window
         self.k: torch.Tensor | None = None      # (B, <= window, K, D)
         self.v: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None    # (B, <= window)
+        self.oldest = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        if k.shape[1] == 1 and self.k is not None and self.k.shape[1] == self.window:
+            i = self.oldest
+            self.k[:, i], self.v[:, i], self.pos[:, i] = k[:, 0], v[:, 0], pos[:, 0]
+            self.oldest = (i + 1) % self.window
+            return self.k, self.v, self.pos
         if self.k is not None:
-            k = torch.cat([self.k, k], dim=1)
-            v = torch.cat([self.v, v], dim=1)
-            pos = torch.cat([self.pos, pos], dim=1)
-        self.k, self.v, self.pos = k[:, -self.window:], v[:, -self.window:], pos[:, -self.window:]
+            k, v, pos = (torch.cat([kept, new], dim=1) for kept, new in zip(self.contents(), (k, v, pos)))
+        self._keep(k, v, pos)
         return k, v, pos
+
+    def _keep(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        # copies: the ring is written in place, and what it was given may be kept elsewhere
+        # (the server's prefix cache)
+        self.k, self.v, self.pos = (t[:, -self.window:].clone() for t in (k, v, pos))
+        self.oldest = 0
 
     def select(self, rows: torch.Tensor) -> None:
         if self.k is not None:
             self.k, self.v, self.pos = self.k[rows], self.v[rows], self.pos[rows]
 
     def contents(self):
-        return None if self.k is None else (self.k, self.v, self.pos)
+        """(k, v, pos) of the kept slots, oldest first, or None when empty."""
+        if self.k is None:
+            return None
+        i = self.oldest
+        return tuple(torch.cat([t[:, i:], t[:, :i]], dim=1) if i else t for t in (self.k, self.v, self.pos))
 
     def set_contents(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        self.k, self.v, self.pos = k[:, -self.window:], v[:, -self.window:], pos[:, -self.window:]
+        self._keep(k, v, pos)
 
     @property
     def nbytes(self) -> int:

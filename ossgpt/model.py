@@ -208,6 +208,10 @@ class Attention(nn.Module):
         k_pos = positions
         if cache is not None:
             k, v, k_pos = cache.update(k, v, positions)                  # (B, S, K, D), (B, S)
+        if USE_KERNELS and self.observer is None:
+            y = kernels.attention_output(x, self, q, k, v, positions, k_pos)   # decode, in one call
+            if y is not None:
+                return y
         mask = attention_mask(positions, k_pos, self.window)
         out = kernels.attention(q, k, v, self.sinks, mask, self.scale) if USE_KERNELS else None
         if out is None:
@@ -314,6 +318,9 @@ class MoE(nn.Module):
         self.experts = Experts(config, packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.moe_layer(x, self) if USE_KERNELS else None     # decode, in one call
+        if y is not None:
+            return y
         shape = x.shape
         t = self.norm(x).reshape(-1, shape[-1])                              # (N, C)
         indices, gates = self.route(t)

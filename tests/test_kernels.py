@@ -157,6 +157,30 @@ def test_model_logits_fused_equal_plain(isa, tiny_original, unequal_prompts, dec
         assert median_error(fused) <= 1.25 * median_error(plain), (median_error(fused), median_error(plain))
 
 
+def test_decode_layers_in_one_call_equal_their_modules(isa, tiny_original, unequal_prompts, decode_logits,
+                                                       monkeypatch):
+    """Decode's MoE and attention output in one call each (kernels.moe_layer, .attention_output)
+    against the same layers run module by module, which a forward hook forces (ossgpt.inspect's
+    hooks must see every call): the same operations, so the same bits, batch of unequal prompts
+    past the sliding window included."""
+    net = ossgpt.load(tiny_original, dtype=torch.bfloat16, progress=False)
+    calls = {"moe_layer": 0, "attention_output": 0}
+    for name in calls:
+        def counted(*args, _f=getattr(kernels, name), _name=name):
+            y = _f(*args)
+            calls[_name] += y is not None
+            return y
+        monkeypatch.setattr(kernels, name, counted)
+    one_call = decode_logits(net, unequal_prompts)
+    assert calls == {"moe_layer": 6 * len(net.blocks), "attention_output": 6 * len(net.blocks)}
+    handles = [m.register_forward_hook(lambda *_: None) for b in net.blocks for m in (b.mlp.router, b.attn.o_proj)]
+    modules = decode_logits(net, unequal_prompts)
+    for h in handles:
+        h.remove()
+    assert calls == {"moe_layer": 6 * len(net.blocks), "attention_output": 6 * len(net.blocks)}
+    assert torch.equal(one_call, modules)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 40])
 @torch.inference_mode()
 def test_linear_equals_exact_products_summed_in_float32(isa, rows):

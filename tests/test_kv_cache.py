@@ -71,3 +71,26 @@ def test_joining_a_running_batch_matches_running_alone(tiny_original):
     assert running.layers[0].k.shape[1] <= model.config.sliding_window
     logits = decode_step(model, torch.tensor([3]), torch.tensor([41]), running)
     assert torch.allclose(logits[0], model(torch.tensor([short + [9, 3]]))[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_cache_decodes_in_a_ring_and_gives_its_contents_in_order():
+    """Once full, one token a step overwrites the oldest slot in place; attention still sees the
+    last `window` positions, contents() gives them oldest first, and what the cache was given
+    (a prefix cache's stored keys) is never written."""
+    cache = SlidingKVCache(window=8)
+    given = _kv(2, 8, 0)
+    given_pos = torch.arange(8).expand(2, 8)
+    cache.set_contents(*given, given_pos)
+    for p in range(8, 19):
+        k, v = _kv(2, 1, p)
+        keys, values, pos = cache.update(k, v, torch.full((2, 1), p))
+        assert keys.shape[1] == 8 and sorted(pos[0].tolist()) == list(range(p - 7, p + 1))
+        assert torch.equal(keys[:, :, 0, 0], pos.float().where(pos >= 8, torch.zeros(())))
+    assert cache.oldest == 11 % 8
+    k, v, pos = cache.contents()
+    assert pos[0].tolist() == list(range(11, 19)) and k[0, :, 0, 0].tolist() == [float(p) for p in range(11, 19)]
+    assert torch.equal(given[0], torch.zeros(2, 8, 2, 4))
+    # more than one token after the ring: the kept slots in order, then the new ones
+    keys, _, pos = cache.update(*_kv(2, 3, 19), torch.arange(19, 22).expand(2, 3))
+    assert pos[0].tolist() == list(range(11, 22)) and cache.pos[0].tolist() == list(range(14, 22))
+    assert cache.oldest == 0

@@ -152,6 +152,68 @@ def _moe(x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, experts,
                            float(limit), float(alpha))
 
 
+def _unhooked(*modules: torch.nn.Module) -> bool:
+    """Whether no forward hook would see these modules' calls (ossgpt.inspect records through
+    hooks): a fused call makes none of them."""
+    registry = torch.nn.modules.module
+    return not (registry._global_forward_hooks or registry._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
+def moe_layer(x: torch.Tensor, moe) -> torch.Tensor | None:
+    """x + moe(x) for decode's few bf16 tokens on the CPU, in one call: model.MoE.forward's own
+    operations on the kernel path (norm, router, top k, gates, experts, residual), so the same
+    bits, without ~20 Python round trips a layer. None where it does not apply (then the modules
+    run): more than 8 tokens, gradients, hooks or adapters on its parts, experts not packed here,
+    a subclass's routing or mixing (expert parallel)."""
+    from .. import model, packed_bf16   # the module types the plain path is made of
+    norm, router, experts = moe.norm, moe.router, moe.experts
+    if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.numel() > 8 * x.shape[-1]
+            or getattr(_rows, "invariant", False) and x.numel() > x.shape[-1]
+            or type(moe).route is not model.MoE.route or type(moe).mix is not model.MoE.mix
+            or type(norm) is not model.RMSNorm or type(experts) is not model.Experts
+            or not experts.packed or experts.mlp1_bias.device.type != "cpu"
+            or type(router) not in (model.Linear, packed_bf16.PackedLinear)
+            or not _unhooked(norm, router, experts)
+            or torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in moe.parameters()))):
+        return None
+    ext = cpu_kernels()
+    weight = _weight_parts(router.packed if type(router) is packed_bf16.PackedLinear else router.weight)
+    if ext is None or weight is None:
+        return None
+    return ext.moe_layer_bf16(x, norm.weight, norm.eps, weight, router.bias, moe.k,
+                              experts.mlp1_blocks, experts.mlp1_scales, experts.mlp1_bias,
+                              experts.mlp2_blocks, experts.mlp2_scales, experts.mlp2_bias,
+                              float(moe.limit), 1.702)
+
+
+def attention_output(x: torch.Tensor, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     positions: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+    """x + attn.output(attention) for decode (one new bf16 token a sequence) on the CPU, in one
+    call: the mask (as model.attention_mask), decode attention, o_proj and the residual, the
+    operations Attention.forward takes on the kernel path. None where it does not apply (then
+    Attention.forward goes on): prefill, gradients, hooks or adapters on o_proj, a subclass's
+    output (tensor parallel attention)."""
+    from .. import model, packed_bf16   # the module types the plain path is made of
+    B, T, H, D = q.shape
+    o = attn.o_proj
+    if (T != 1 or x.device.type != "cpu" or q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16
+            or D % 16 or D > 128 or H // k.shape[2] > 8
+            or getattr(_rows, "invariant", False) and B > 1
+            or type(attn).output is not model.Attention.output
+            or type(o) not in (model.Linear, packed_bf16.PackedLinear) or not _unhooked(o)
+            or torch.is_grad_enabled() and (x.requires_grad or q.requires_grad
+                                            or any(p.requires_grad for p in attn.parameters()))):
+        return None
+    ext = cpu_kernels()
+    weight = _weight_parts(o.packed if type(o) is packed_bf16.PackedLinear else o.weight)
+    if ext is None or weight is None or o.in_features % 32:
+        return None
+    window = -1 if attn.window is None else attn.window
+    return ext.attention_output_bf16(x, q, k, v, attn.sinks, positions, k_pos, window, attn.scale,
+                                     weight, o.bias)
+
+
 def dequantize_bf16(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
     """MXFP4 -> bfloat16 on the CPU, threaded (exact, as mxfp4.dequantize); None where the
     kernels are unavailable."""

@@ -35,7 +35,7 @@ from types import ModuleType
 import torch
 
 CPU_DIR = Path(__file__).parent / "cpu"
-SOURCES = ("bindings.cpp", "moe.cpp", "linear.cpp")
+SOURCES = ("bindings.cpp", "moe.cpp", "linear.cpp", "layer.cpp")
 PLAIN = "plain"
 
 # Per architecture, the levels in ascending order; the compiler flags of each and the CPU

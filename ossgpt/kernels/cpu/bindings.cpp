@@ -16,6 +16,15 @@ torch::Tensor linear_bf16(torch::Tensor x, std::vector<torch::Tensor> weight, c1
 torch::Tensor qkv_rope_bf16(torch::Tensor x, torch::Tensor norm_weight, double eps,
                             std::vector<std::vector<torch::Tensor>> weights, std::vector<torch::Tensor> biases,
                             torch::Tensor cos, torch::Tensor sin, int64_t rope_heads);  // linear.cpp
+torch::Tensor moe_layer_bf16(torch::Tensor x, torch::Tensor norm_weight, double eps,
+                             std::vector<torch::Tensor> router_weight, c10::optional<torch::Tensor> router_bias,
+                             int64_t k, torch::Tensor mlp1_blocks, torch::Tensor mlp1_scales,
+                             torch::Tensor mlp1_bias, torch::Tensor mlp2_blocks, torch::Tensor mlp2_scales,
+                             torch::Tensor mlp2_bias, double limit, double alpha);  // layer.cpp
+torch::Tensor attention_output_bf16(torch::Tensor x, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                    torch::Tensor sinks, torch::Tensor q_pos, torch::Tensor k_pos,
+                                    int64_t window, double scale, std::vector<torch::Tensor> o_weight,
+                                    c10::optional<torch::Tensor> o_bias);  // layer.cpp
 std::vector<torch::Tensor> pack_bf16(torch::Tensor weight, torch::Tensor sm, torch::Tensor nib,
                                      torch::Tensor base);                        // linear.cpp
 torch::Tensor unpack_bf16(torch::Tensor sm, torch::Tensor nib, torch::Tensor base, torch::Tensor ptr,
@@ -64,6 +73,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "bf16 matrix-vector products for decode (CPU)");
   m.def("qkv_rope_bf16", &qkv_rope_bf16, "norm, q/k/v products and rotary embedding for decode (CPU)");
   m.def("decode_attention", &decode_attention, "attention with sinks for one new token (CPU)");
+  m.def("moe_layer_bf16", &moe_layer_bf16, "decode's norm, routing, experts and residual in one call (CPU)");
+  m.def("attention_output_bf16", &attention_output_bf16,
+        "decode's attention, output projection and residual in one call (CPU)");
   m.def("pack_bf16", &pack_bf16, "bf16 weight -> 12-bit packed parts (CPU, threaded)");
   m.def("unpack_bf16", &unpack_bf16, "12-bit packed parts -> bf16 weight (CPU, threaded)");
 }
