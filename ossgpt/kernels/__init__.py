@@ -195,10 +195,9 @@ def attention_output(x: torch.Tensor, attn, q: torch.Tensor, k: torch.Tensor, v:
     Attention.forward goes on): prefill, gradients, hooks or adapters on o_proj, a subclass's
     output (tensor parallel attention)."""
     from .. import model, packed_bf16   # the module types the plain path is made of
-    B, T, H, D = q.shape
+    B, T = q.shape[:2]
     o = attn.o_proj
-    if (T != 1 or x.device.type != "cpu" or q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16
-            or D % 16 or D > 128 or H // k.shape[2] > 8
+    if (T != 1 or x.device.type != "cpu" or not _decode_attention_takes(q, k)
             or getattr(_rows, "invariant", False) and B > 1
             or type(attn).output is not model.Attention.output
             or type(o) not in (model.Linear, packed_bf16.PackedLinear) or not _unhooked(o)
@@ -293,6 +292,13 @@ def _attention_inputs(x: torch.Tensor, attn, cos: torch.Tensor, sin: torch.Tenso
     return q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
 
 
+def _decode_attention_takes(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the decode attention kernel takes these bf16 q (B, 1, H, D) and keys (B, S, K, D)."""
+    H, D = q.shape[2:]
+    return (q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16 and not D % 16 and D <= 128
+            and H // k.shape[2] <= 8)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
               mask: torch.Tensor, scale: float) -> torch.Tensor | None:
     """model.sdpa_with_sinks on the CPU, or None where no kernel applies (not the CPU, gradients
@@ -307,8 +313,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
         return None
     if T == 1:
         ext = cpu_kernels()
-        if (ext is None or q.dtype != torch.bfloat16
-                or k.dtype != torch.bfloat16 or D % 16 or D > 128 or H // k.shape[2] > 8):
+        if ext is None or not _decode_attention_takes(q, k):
             return None
         return ext.decode_attention(q.view(B, H, D), k, v, sinks.float(), mask.view(B, -1),
                                     scale).view(B, 1, H, D)
