@@ -75,9 +75,10 @@ class SlidingKVCache:
     query can see further back. Attention sees the kept slots plus the new ones.
 
     Once full, one new token a row (decode) takes the oldest slot in place: the slots are then
-    a ring, `oldest` the next one written. Why: a new tensor each step cost about 0.4 ms a layer
-    in page faults on a slow CPU, and attention does not care about the keys' order (their
-    positions make its mask). `contents()` gives them in order."""
+    a ring, `oldest` the next one written. Why: three new tensors of the whole window a step
+    (`torch.cat`) took 1.7% of a 4-layer decode step in a profile on Zen 1, and attention does
+    not care about the keys' order (their positions make its mask). `contents()` gives them in
+    order."""
 
     def __init__(self, window: int) -> None:
         self.window = window

@@ -184,7 +184,7 @@ def moe_layer(x: torch.Tensor, moe) -> torch.Tensor | None:
     return ext.moe_layer_bf16(x, norm.weight, norm.eps, weight, router.bias, moe.k,
                               experts.mlp1_blocks, experts.mlp1_scales, experts.mlp1_bias,
                               experts.mlp2_blocks, experts.mlp2_scales, experts.mlp2_bias,
-                              float(moe.limit), 1.702)
+                              float(moe.limit), model.SWIGLU_ALPHA)
 
 
 def attention_output(x: torch.Tensor, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
