@@ -83,9 +83,9 @@ def gemm_gmacs(repeats: int = 5) -> float:
     return a.shape[0] * b.numel() / best / 1e9
 
 
-@torch.inference_mode()
-def profile(net, steps: int, context: int, batch: int = 1) -> dict[str, float]:
-    """Seconds per decode step in each part, timed by forward hooks."""
+def timed_parts(net) -> dict[str, float]:
+    """Seconds spent in attention, the experts and the unembedding, summed into the returned
+    dict by forward hooks on every later call."""
     totals: dict[str, float] = defaultdict(float)
     started: dict[str, float] = {}
 
@@ -98,6 +98,13 @@ def profile(net, steps: int, context: int, batch: int = 1) -> dict[str, float]:
         timed(b.attn, "attention")
         timed(b.mlp, "experts")
     timed(net.unembedding, "unembedding")
+    return totals
+
+
+@torch.inference_mode()
+def profile(net, steps: int, context: int, batch: int = 1) -> dict[str, float]:
+    """Seconds per decode step in each part, timed by forward hooks."""
+    totals = timed_parts(net)
     cache = net.make_cache()
     logits = prefill(net, random_prompts(batch, context), cache)
     logits = decode_step(net, logits.argmax(-1), torch.full((batch,), context), cache)   # warm-up
@@ -112,18 +119,7 @@ def profile(net, steps: int, context: int, batch: int = 1) -> dict[str, float]:
 @torch.inference_mode()
 def profile_prefill(net, tokens: int) -> dict[str, float]:
     """Seconds one prefill of `tokens` tokens spends in each part, timed by forward hooks."""
-    totals: dict[str, float] = defaultdict(float)
-    started: dict[str, float] = {}
-
-    def timed(module: torch.nn.Module, part: str) -> None:
-        module.register_forward_pre_hook(lambda *_: started.__setitem__(part, time.perf_counter()))
-        module.register_forward_hook(
-            lambda *_: totals.__setitem__(part, totals[part] + time.perf_counter() - started[part]))
-
-    for b in net.blocks:
-        timed(b.attn, "attention")
-        timed(b.mlp, "experts")
-    timed(net.unembedding, "unembedding")
+    totals = timed_parts(net)
     prompt = random_prompts(1, tokens)
     prefill(net, prompt, net.make_cache())                                  # warm-up
     totals.clear()
