@@ -103,7 +103,14 @@ def test_fused_moe_int9_inputs_equal_their_reference(isa, odd_config, tokens, bl
     x = torch.randn(tokens, config.hidden_size, generator=torch.Generator().manual_seed(tokens))
     t, idx, gates = _routed(moe, x.bfloat16())
     fused = kernels.moe(t, idx, gates, moe.experts, moe.limit)
-    truth = torch.zeros(tokens, config.hidden_size, dtype=torch.float64)
+    truth = _int9_reference(moe, t, idx, gates)
+    err = ((fused.double() - truth).norm() / truth.norm()).item()
+    assert err <= 1e-5, err   # a step is 2**-8 of a block's largest: one flipped rounding shows
+
+
+def _int9_reference(moe: MoE, t: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """The experts in float64 on the 9-bit integers the x86 kernels make of their inputs."""
+    truth = torch.zeros(t.shape, dtype=torch.float64)
     for e in idx.unique().tolist():
         token, slot = torch.where(idx == e)
         w1, w2 = (w.double() for w in moe.experts.weights(e, torch.float32))
@@ -111,8 +118,34 @@ def test_fused_moe_int9_inputs_equal_their_reference(isa, odd_config, tokens, bl
         h = _int9_blocks(model.swiglu(h.float(), moe.limit)).double()
         y = F.linear(h, w2, moe.experts.mlp2_bias[e].double())
         truth.index_add_(0, token, y * gates[token, slot, None].double())
-    err = ((fused.double() - truth).norm() / truth.norm()).item()
-    assert err <= 1e-5, err   # a step is 2**-8 of a block's largest: one flipped rounding shows
+    return truth
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+@torch.inference_mode()
+def test_fused_moe_int9_rows_with_nan_and_subnormal_scales(isa, odd_config, tokens):
+    """The byte products compute a row's scales without checking each group of 8 blocks where the
+    row's scales are all normal (mxfp4_bytes.h, normal_scales); a row with a NaN scale (255) or
+    subnormal ones (0, 1) still takes the checked path. Output channel 0 of expert 0 has a NaN
+    scale: NaN for its tokens, as the plain path gives; channel 1 of every expert has only
+    subnormal scales and no bias: tiny, finite and not zero; every other channel as before."""
+    if kernels.expert_decode_inputs(torch.bfloat16) != "int9":
+        pytest.skip(f"{isa} gives a bf16 model's experts exact inputs (or NEON's 16-bit integers)")
+    config = dataclasses.replace(odd_config, hidden_size=32 * 35, intermediate_size=32 * 33)  # >= 32 blocks
+    moe = _random_moe(config, torch.bfloat16)
+    with torch.no_grad():
+        moe.experts.mlp2_scales[0, 0, 7] = 255
+        moe.experts.mlp2_scales[:, 1] = torch.tensor([0, 1]).repeat(17)[:33].to(torch.uint8)
+        moe.experts.mlp2_bias[:, 1] = 0
+    x = torch.randn(tokens, config.hidden_size, generator=torch.Generator().manual_seed(tokens))
+    t, idx, gates = _routed(moe, x.bfloat16())
+    fused = kernels.moe(t, idx, gates, moe.experts, moe.limit)
+    truth = _int9_reference(moe, t, idx, gates)
+    assert torch.equal(fused.isnan(), truth.isnan()) and fused[:, 0].isnan().any() == (idx == 0).any()
+    tiny = fused[:, 1]
+    assert torch.isfinite(tiny).all() and (tiny != 0).all() and (tiny.abs() < 1e-30).all()
+    rest = (fused[:, 2:].double() - truth[:, 2:]).norm() / truth[:, 2:].norm()
+    assert rest <= 1e-5, rest
 
 
 @pytest.mark.parametrize("tokens", [40, 100])

@@ -58,14 +58,14 @@ struct Operand {
   Buffer<float> f32;       // F32Pairs rows, or the integer layouts' block scales
   Buffer<uint16_t> bf16;   // Bf16* rows
   Buffer<int16_t> i16;     // I16Pairs and I16Groups rows
-  Buffer<uint8_t> bytes;   // I9Bytes rows (2 stride bytes a row)
+  Buffer<uint8_t> bytes;   // I9Bytes rows
 
   Operand(Layout layout_, int64_t P, int64_t K_)
       : layout(layout_), K(K_), stride(row_length(layout_, K_)), scales(scale_count(layout_, K_)),
         f32(layout_ == Layout::F32Pairs ? P * K_ : P * scales),
         bf16(layout_ == Layout::Bf16Quads || layout_ == Layout::Bf16Plain ? P * stride : 0),
         i16(layout_ == Layout::I16Pairs || layout_ == Layout::I16Groups ? P * stride : 0),
-        bytes(layout_ == Layout::I9Bytes ? 2 * P * stride : 0) {}
+        bytes(layout_ == Layout::I9Bytes ? P * stride : 0) {}
 
   static bool integer(Layout layout) {
     return layout == Layout::I16Pairs || layout == Layout::I9Bytes || layout == Layout::I16Groups;
@@ -77,20 +77,23 @@ struct Operand {
 #endif
 #if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)
     if (layout == Layout::I16Groups) return gemm_i16::groups(K / 32) * gemm_i16::kGroupValues;
-    if (layout == Layout::I9Bytes) return mxfp4::i9_pairs(K / 32) * 64;   // whole pairs of blocks
+    if (layout == Layout::I9Bytes) return mxfp4::i9_pairs(K / 32) * mxfp4::kPairBytes;   // bytes
 #endif
     return K;
   }
 
   static int64_t scale_count(Layout layout, int64_t K) {
     if (!integer(layout)) return 0;
+#if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)
+    if (layout == Layout::I9Bytes) return 2 * mxfp4::i9_pairs(K / 32);
+#endif
     return row_length(layout, K) / 32;   // a scale a block, padding included
   }
 
   const float* f32_row(int64_t i) const { return f32.get() + i * stride; }
   const uint16_t* bf16_row(int64_t i) const { return bf16.get() + i * stride; }
   const int16_t* i16_row(int64_t i) const { return i16.get() + i * stride; }
-  const uint8_t* bytes_row(int64_t i) const { return bytes.get() + 2 * i * stride; }
+  const uint8_t* bytes_row(int64_t i) const { return bytes.get() + i * stride; }
   const float* block_scales(int64_t i) const { return f32.get() + i * scales; }
 
   // Write row i from K floats, reordered so each packed code meets its input.
@@ -109,7 +112,7 @@ struct Operand {
         return mxfp4::to_i16_pairs(src, K, i16.get() + i * stride, f32.get() + i * scales);
       case Layout::I9Bytes:
 #if defined(OSSGPT_AVX2) || defined(OSSGPT_AVX512)
-        return mxfp4::to_i9_bytes(src, K, bytes.get() + 2 * i * stride, f32.get() + i * scales);
+        return mxfp4::to_i9_bytes(src, K, bytes.get() + i * stride, f32.get() + i * scales);
 #endif
         throw std::logic_error("moe: 9-bit inputs need an x86 level");
       case Layout::I16Groups:
