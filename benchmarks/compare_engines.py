@@ -25,7 +25,10 @@ The engines run in --repeat rounds (default 3), each engine once per round in tu
 figures are the medians over rounds: this machine's memory bandwidth drifts over minutes, and
 a single run of each can compare one engine's fast moment with another's slow one. Each
 engine's best round of decode is given too (`best_decode_tok_s`, ratios `decode_b1_best`): the
-least disturbed, as timeit's minimum, when the medians still pair unequal phases.
+least disturbed, as timeit's minimum, when the medians still pair unequal phases; and the median
+of the rounds' own ratios (`decode_b1_rounds_median`), each pairing the engines minutes apart.
+Where an engine's batch-1 decode moved by more than 10% between rounds, a warning says so
+(and the results' "drift"): such a run is repeated rather than reported.
 
 Where it may (root), the script empties the kernel's page cache before every engine's run, so
 each starts as after a reboot (its checkpoint read from disk) and none inherits memory that the
@@ -373,8 +376,27 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
         if "best_decode_tok_s" in ours and "best_decode_tok_s" in r:
             rr.update({f"decode_b{b}_best": ours["best_decode_tok_s"][b] / v
                        for b, v in r["best_decode_tok_s"].items() if b in ours["best_decode_tok_s"]})
+        # Each round's ratio pairs the two engines minutes apart, the likeliest to be one phase of
+        # the machine's drift; their median is the check on the ratio of medians.
+        if len(ours.get("runs", [])) == len(r.get("runs", [])) > 1:
+            rr.update({f"decode_b{b}_rounds_median": statistics.median(
+                a["decode_tok_s"][b] / o["decode_tok_s"][b] for a, o in zip(ours["runs"], r["runs"]))
+                for b in r["decode_tok_s"] if b in ours["decode_tok_s"]})
         out[f"ossgpt/{name}"] = {k: round(v, 3) for k, v in rr.items()}
     return out
+
+
+def drift(results: dict[str, dict[str, Any]], limit: float = 0.1) -> list[str]:
+    """A line for each engine whose batch-1 decode moved by more than `limit` between rounds: the
+    machine's speed changed during the run, and a ratio of medians may pair unequal phases."""
+    lines = []
+    for name, r in results.items():
+        speeds = [run["decode_tok_s"]["1"] for run in r.get("runs", []) if "1" in run["decode_tok_s"]]
+        if len(speeds) > 1 and max(speeds) > (1 + limit) * min(speeds):
+            lines.append(f"warning: {name}'s decode b1 moved {min(speeds):.2f}-{max(speeds):.2f} tok/s between "
+                         f"rounds ({max(speeds) / min(speeds) - 1:.0%}): this machine's speed changed during "
+                         "the run; compare the rounds' ratios, or run again")
+    return lines
 
 
 def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -522,6 +544,9 @@ def main(argv: list[str] | None = None) -> None:
     rat = ratios(results)
     for name, rr in rat.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in rr.items()))
+    warnings = drift(results)
+    for line in warnings:
+        print(line)
     suffix = ("" if args.device == "cpu" else f"-{args.device.split(':')[0]}") + (f"-{args.isa}" if args.isa else "")
     out = ROOT / "benchmarks" / "results" / f"compare_{args.name or checkpoint.name}{suffix}.json"
     write_json(out, {
@@ -532,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         "memory_bandwidth_gbs": round(bandwidth, 2), "bandwidth_per_round_gbs": [round(b, 2) for b in bandwidths],
         "repeat": args.repeat, "cold_page_cache": cold, "note": args.note, "isa": args.isa,
         "isa_env": ISA_ENV.get(args.isa or "", {}), "cpu": cpu_name(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results, "ratios": rat})
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results, "ratios": rat, "drift": warnings})
     print(f"\nwrote {out}")
 
 
