@@ -2,7 +2,9 @@
 a checkpoint, and measure on held-out conversations: the browser (search the bundled corpus,
 open the right result, answer with a citation) and python (compute with one line of code),
 each run with the real tools in the loop as `ossgpt chat --tools browser,python` runs them;
-and nano's old families before and after. Writes benchmarks/results/finetune_nano_tools.json.
+and nano's old families before and after. Writes benchmarks/results/finetune_nano_tools.json: a
+run from nano starts its list of stages, a run from an earlier stage's merged checkpoint (--base)
+adds to it.
 
     python benchmarks/finetune_nano_tools.py [--steps 200] [--n-eval 60]
 
@@ -27,6 +29,7 @@ from ossgpt import nano
 from ossgpt.data import FAMILIES, examples
 from ossgpt.data.tasks import chat_record, mixture
 from ossgpt.data.tool_loop import run_tool_loop, summarize
+from ossgpt.files import write_atomic
 from ossgpt.lora import load_adapter
 
 ROOT = Path(__file__).resolve().parent
@@ -66,7 +69,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--work", default="checkpoints/finetune-nano-tools")
-    ap.add_argument("--skip-before", action="store_true", help="reuse the last result's 'before'")
+    ap.add_argument("--skip-before", action="store_true", help="reuse the last stage's 'before'")
     ap.add_argument("--base", default="nano", help="the checkpoint to fine-tune (e.g. an earlier run's merged one)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the training data")
     ap.add_argument("--install", metavar="MERGED", help="only write MERGED (a run's merged checkpoint) "
@@ -86,8 +89,11 @@ def main() -> None:
     out = ROOT / "results" / "finetune_nano_tools.json"
 
     t0 = time.time()
-    if args.skip_before and out.exists():
-        before = json.loads(out.read_text())["before"]
+    # The results hold the stages of one curriculum: a run from nano starts a new one, a run from
+    # an earlier stage's merged checkpoint (--base) adds its stage.
+    stages = json.loads(out.read_text())["stages"] if out.exists() else []
+    if args.skip_before and stages:
+        before = stages[-1]["before"]
     else:
         base = ossgpt.load("nano", dtype=torch.float32, progress=False)
         before = {"old": old_accuracy(base, args.n_eval_old), "tools": tool_accuracy(base, args.n_eval_before)}
@@ -127,8 +133,9 @@ def main() -> None:
               "total_seconds": round(time.time() - t_start, 1),
               "before": before, "adapter": adapter, "merged": after,
               "run_metrics": json.loads((work / "run" / "metrics.json").read_text())}
+    stages = [result] if args.base == "nano" else stages + [result]
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(out, json.dumps({"stages": stages}, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

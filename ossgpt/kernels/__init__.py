@@ -206,7 +206,8 @@ def attention_output(x: torch.Tensor, attn, q: torch.Tensor, k: torch.Tensor, v:
         return None
     ext = cpu_kernels()
     weight = _weight_parts(o.packed if type(o) is packed_bf16.PackedLinear else o.weight)
-    if ext is None or weight is None or o.in_features % 32:
+    # more than 8 tokens on the avx512bf16 level: oneDNN's bf16 matmul takes o_proj (as in linear)
+    if ext is None or weight is None or o.in_features % 32 or B > 8 and not ext.many_rows:
         return None
     window = -1 if attn.window is None else attn.window
     return ext.attention_output_bf16(x, q, k, v, attn.sinks, positions, k_pos, window, attn.scale,
