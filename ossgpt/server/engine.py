@@ -39,6 +39,7 @@ from ..sampling import SamplingParams, make_generators, make_sampler
 from .constrain import ReplyConstraint
 from .metrics import Metrics
 from .prefix_cache import PrefixCache, recording_cache, stop_recording
+from .protocol import APIError
 
 
 class QueueFull(Exception):
@@ -123,8 +124,8 @@ class Engine:
         try:
             while (event := await seq.events.get()) is not None:
                 yield event
-            if seq.error:
-                raise RuntimeError(seq.error)
+            if seq.error:   # an OpenAI-shaped 500, or an error event where the stream has begun
+                raise APIError(500, seq.error)
         finally:
             self.cancel(seq)  # a no-op when it already ended
 

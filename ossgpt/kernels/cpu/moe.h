@@ -53,7 +53,7 @@ enum class Layout { F32Pairs, Bf16Quads, Bf16Plain, I16Pairs, I9Bytes, I16Groups
 
 struct Operand {
   Layout layout;
-  int64_t K, stride;   // inputs per row; elements per stored row
+  int64_t K, stride;   // inputs per row; elements per stored row (bytes for I9Bytes)
   int64_t scales;      // the integer layouts' block scales a row
   Buffer<float> f32;       // F32Pairs rows, or the integer layouts' block scales
   Buffer<uint16_t> bf16;   // Bf16* rows
