@@ -4,8 +4,12 @@
 Why: a LoRA on attention and experts cannot tell apart tokens whose unembedding rows are the
 same vector; they always get the same logit. nano's compact vocabulary (compact_vocab.py) gives
 every id its training data never used one shared unembedding row, so a new tool name made of
-such tokens (`get_local_time`: `_local`, `_time`) could never be written. The ids the fine-tuning
-data uses whose embedding or unembedding row is shared with another id get rows of their own.
+such tokens (`get_local_time`: `_local`, `_time`) could never be written. Rows can also be all but
+shared: an id nano saw only in prompts, never as a target, got nothing but the softmax's push-down,
+the same for every such id, so ' *', '}', ' sum' and ' population' ended within 3% of one another
+(cosine 0.9995; the nearest rows of ids it learned to write are 43% apart) and nano wrote `print(7117}`. The ids
+the fine-tuning data uses whose embedding or unembedding row equals, or lies within
+`NEAR_DUPLICATE` of, another id's row get rows of their own.
 
 PEFT's format, for reference (peft.tuners.trainable_tokens): adapter_config.json has
 "trainable_token_indices": {"embed_tokens": [ids], "lm_head": [ids]}, and the adapter's
@@ -33,14 +37,43 @@ def shared_row_ids(weight: torch.Tensor) -> torch.Tensor:
     return (counts[group] > 1).nonzero()[:, 0]
 
 
+# Relative L2 distance under which two rows count as one: nano's rows trained only by push-down
+# lie within 3.2% of one another, the nearest rows of ids it was trained to write 43% apart.
+NEAR_DUPLICATE = 0.1
+
+
+def near_duplicate_rows(rows: torch.Tensor, which: torch.Tensor, rtol: float = NEAR_DUPLICATE
+                        ) -> torch.Tensor:
+    """Whether each of rows[which] lies within `rtol` (relative L2) of some other row of the
+    distinct rows `rows` (G, C) -> (len(which),) bool. Candidates come from a 32-dimensional random
+    projection (a real 201,088 x 2,880 table against thousands of ids would be teraflops exactly),
+    with a margin no near pair escapes in practice; each candidate is then checked exactly."""
+    w = rows.detach().float()
+    proj = torch.randn(w.shape[1], 32, generator=torch.Generator().manual_seed(0)) / 32 ** 0.5
+    keys = torch.cat([w[i:i + 65536] @ proj for i in range(0, len(w), 65536)])
+    norms = w[which].norm(dim=1)
+    near = torch.zeros(len(which), dtype=torch.bool)
+    for s in range(0, len(which), 256):
+        part = which[s:s + 256]
+        d = torch.cdist(keys[part], keys)
+        d[torch.arange(len(part)), part] = float("inf")  # not itself
+        i, j = (d <= 2 * rtol * norms[s:s + 256, None]).nonzero(as_tuple=True)
+        close = (w[part[i]] - w[j]).norm(dim=1) <= rtol * norms[s + i]
+        near[s + i[close]] = True
+    return near
+
+
 def untrained_ids(model: nn.Module, used: set[int] | list[int]) -> list[int]:
-    """The ids among `used` without a row of their own in the model's embedding or unembedding."""
+    """The ids among `used` without a row of their own in the model's embedding or unembedding:
+    a row equal to another id's, or nearly (`NEAR_DUPLICATE`)."""
     used_t = torch.as_tensor(sorted(set(used)), dtype=torch.long)
     if len(used_t) == 0:
         return []
     hit = torch.zeros(model.config.vocab_size, dtype=torch.bool)
     for table in (model.embedding, model.unembedding):
-        hit[shared_row_ids(table.weight)] = True
+        group, counts, first = group_rows(table.weight)
+        hit[(counts[group] > 1).nonzero()[:, 0]] = True
+        hit[used_t[near_duplicate_rows(table.weight.detach()[first], group[used_t])]] = True
     return used_t[hit[used_t]].tolist()
 
 

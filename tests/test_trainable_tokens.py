@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ossgpt
 from ossgpt import finetune as ft
@@ -13,7 +14,8 @@ from ossgpt.compact_vocab import DistinctRowsLoss
 from ossgpt.lora import (LoraConfig, add_lora, load_adapter, load_adapters, merge, save_adapter,
                          set_adapter)
 from ossgpt.tokenizer import get_tokenizer
-from ossgpt.trainable_tokens import TrainableRows, add_trainable_tokens, shared_row_ids, untrained_ids
+from ossgpt.trainable_tokens import (NEAR_DUPLICATE, TrainableRows, add_trainable_tokens,
+                                     near_duplicate_rows, shared_row_ids, untrained_ids)
 from ossgpt.train.trainer import Batch
 
 NEW_TOOL = "get_local_time"
@@ -40,6 +42,32 @@ def test_nano_has_no_rows_of_its_own_for_the_new_tool_name(nano) -> None:
     assert len(set(logits[missing].tolist())) == 1
     shared = set(shared_row_ids(nano.unembedding.weight).tolist())
     assert len(shared) > 190_000 and not shared & set(get_tokenizer().encode(" Paris"))
+
+
+def test_rows_a_few_percent_apart_are_not_rows_of_their_own(nano) -> None:
+    # nano never wrote ' *' or '}' (they were only ever in prompts): the softmax's push-down alone
+    # left their unembedding rows 3% apart, so before this a LoRA run wrote `print(7117}`.
+    tok = get_tokenizer()
+    star, brace, paris = tok.encode(" *")[0], tok.encode("}")[0], tok.encode(" Paris")[0]
+    w = nano.unembedding.weight.detach()
+    assert not {star, brace} & set(shared_row_ids(w).tolist())        # not the same row exactly
+    assert (w[star] - w[brace]).norm() < NEAR_DUPLICATE * w[star].norm()
+    assert set(untrained_ids(nano, [star, brace, paris])) == {star, brace}
+
+
+def test_near_duplicate_rows_equal_a_brute_force_search() -> None:
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(3000, 64, generator=g) * torch.rand(3000, 1, generator=g).add(0.5)
+    for i, (src, eps) in enumerate([(3, 0.02), (3, 0.05), (10, 0.09), (20, 0.11), (30, 0.3)]):
+        rows[100 + i] = rows[src] + eps * rows[src].norm() * F.normalize(torch.randn(64, generator=g), dim=0)
+    which = torch.arange(0, 3000, 7).unique().tolist() + [3, 10, 20, 30] + list(range(100, 105))
+    which = torch.tensor(sorted(set(which)))
+    dist = torch.cdist(rows[which], rows)
+    dist[torch.arange(len(which)), which] = float("inf")
+    want = (dist <= NEAR_DUPLICATE * rows[which].norm(dim=1, keepdim=True)).any(dim=1)
+    got = near_duplicate_rows(rows, which)
+    assert torch.equal(got, want)
+    assert set(which[got].tolist()) == {3, 10, 100, 101, 102}
 
 
 def test_distinct_rows_loss_equals_the_full_vocabulary_loss(nano) -> None:

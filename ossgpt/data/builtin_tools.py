@@ -188,7 +188,9 @@ def browser_draft(rng: random.Random) -> Draft:
             {"role": "assistant", "reasoning": f"Result {link} is {name} ({path}). I will open it.",
              "tool_calls": [_call(1, "browser.open", open_args)]},
             _result(1, "browser.open", page),
-            {"role": "assistant", "reasoning": f"Line L{line} of the page says: {fact}",
+            # The fact first, then its line: copying the line after its label is easier for nano
+            # than finding the line number first, and a wrong line then spoils only the citation.
+            {"role": "assistant", "reasoning": f"The page says {fact} That is line L{line}.",
              "content": f"The {noun} of {name} is {value}{unit} {cite}."}]
     expected = {"tool": "browser.search", "arguments": {"query": query, "topn": 3},
                 "final_contains": [value], "cite": {"path": path, "line": line + 1}}
@@ -220,14 +222,15 @@ def python_draft(rng: random.Random) -> Draft:
         listing = ", ".join(map(str, nums))
         fn, templates = ("sum", _SUM_Q) if kind == "sum" else ("sorted", _SORT_Q)
         q, code, key = rng.choice(templates).format(l=listing), f"print({fn}([{listing}]))", tuple(nums)
-        what = "the sum" if kind == "sum" else "the sorted list"
+        what = f"the {'sum' if kind == 'sum' else 'sorted list'} of {listing}"
     out = run_python(code)
     answer = out.strip()
     msgs = [{"role": "user", "content": q},
             {"role": "assistant", "reasoning": f"I need {what}. I will compute it with python.",
              "tool_calls": [_call(0, "python", code)]},
             _result(0, "python", out),
-            {"role": "assistant", "reasoning": f"Python printed {answer}.",
-             "content": f"The answer is {answer}."}]
+            # The reasoning restates the operands (nano copies from its own reasoning more surely
+            # than from the question); the answer copies the output once, straight from the tool.
+            {"role": "assistant", "content": f"The answer is {answer}."}]
     expected = {"tool": "python", "code": code, "final_contains": [answer]}
     return ("python", kind) + key, msgs, expected, _declared(rng, "python")
