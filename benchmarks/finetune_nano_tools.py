@@ -50,9 +50,13 @@ def old_accuracy(model, n_eval: int) -> dict:
     return {f: round(r["accuracy"], 4) for f, r in held_out.items()}
 
 
-def tool_accuracy(model, n_eval: int) -> dict:
+def tool_accuracy(model, n_eval: int, transcript: Path | None = None) -> dict:
+    """Held-out scores; with `transcript`, each conversation's calls and answer written there."""
     cases = [ex for f in NEW for ex in list(examples(f, "test", 0))[:n_eval]]
-    return summarize(run_tool_loop(model, cases))
+    results = run_tool_loop(model, cases)
+    if transcript:
+        write_atomic(transcript, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+    return summarize(results)
 
 
 def main() -> None:
@@ -120,7 +124,8 @@ def main() -> None:
     print("adapter:", json.dumps(adapter), flush=True)
     del adapted
     tuned = ossgpt.load(str(merged), dtype=torch.float32, progress=False)
-    after = {"old": old_accuracy(tuned, args.n_eval_old), "tools": tool_accuracy(tuned, args.n_eval)}
+    after = {"old": old_accuracy(tuned, args.n_eval_old),
+             "tools": tool_accuracy(tuned, args.n_eval, work / "merged_conversations.jsonl")}
     eval_seconds += time.time() - t0
     print("merged:", json.dumps(after), flush=True)
 

@@ -128,4 +128,7 @@ def test_tool_loop_on_the_gold_replies_reproduces_the_data(family):
             assert going == (end < len(ex.messages))
         results.append(conv.result())
     summary = summarize(results)[family]
+    by_kind = summary.pop("by_kind")
     assert all(v == 1.0 for k, v in summary.items() if k != "n"), summary
+    assert sum(k["n"] for k in by_kind.values()) == 5 and all(k["final"] == 1.0 for k in by_kind.values())
+    assert all(r["answer"] and r["calls"] for r in results)

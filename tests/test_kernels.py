@@ -260,6 +260,30 @@ def test_flash_attention_with_sinks_equals_plain():
         assert (fast - plain).abs().max() <= 1e-5 * plain.abs().max()
 
 
+def test_training_attention_and_its_gradients_equal_plain():
+    """Training's attention (gradients wanted: PyTorch's differentiable fused attention, the sink
+    as an extra key) against model.sdpa_with_sinks, float32: the output and the gradients of q,
+    k, v and the sinks, for two prompts, one left-padded, past a 128-token window and without."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, K, D = 2, 150, 8, 2, 16
+    positions = torch.arange(T).expand(B, T).clone()
+    positions[1, :30] = -1
+    upstream = torch.randn(B, T, H, D, generator=g)
+    for window in (128, None):
+        mask = model.attention_mask(positions, positions, window)
+        inputs = [torch.randn(B, T, n, D, generator=g) for n in (H, K, K)] + [torch.randn(H, generator=g)]
+        results = []
+        for attend in (kernels.attention, model.sdpa_with_sinks):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            out = attend(*leaves, mask, 0.25)
+            (out * upstream).sum().backward()
+            results.append([out.detach()] + [t.grad for t in leaves])
+        for fast, plain in zip(*results):
+            assert torch.isfinite(fast).all()
+            assert (fast - plain).abs().max() <= 1e-5 * plain.abs().max()
+        assert (results[0][0][1, :30] == 0).all()    # padding rows attend nothing
+
+
 @pytest.mark.parametrize("D", [64, 16])
 @torch.inference_mode()
 def test_decode_attention_equals_plain(isa, D):

@@ -193,7 +193,7 @@ def browser_draft(rng: random.Random) -> Draft:
             {"role": "assistant", "reasoning": f"The page says {fact} That is line L{line}.",
              "content": f"The {noun} of {name} is {value}{unit} {cite}."}]
     expected = {"tool": "browser.search", "arguments": {"query": query, "topn": 3},
-                "final_contains": [value], "cite": {"path": path, "line": line + 1}}
+                "final_contains": [value], "cite": {"path": path, "line": line + 1}, "kind": noun}
     return ("browser", n, k, t), msgs, expected, _declared(rng, "browser")
 
 
@@ -232,5 +232,5 @@ def python_draft(rng: random.Random) -> Draft:
             # The reasoning restates the operands (nano copies from its own reasoning more surely
             # than from the question); the answer copies the output once, straight from the tool.
             {"role": "assistant", "content": f"The answer is {answer}."}]
-    expected = {"tool": "python", "code": code, "final_contains": [answer]}
+    expected = {"tool": "python", "code": code, "final_contains": [answer], "kind": kind}
     return ("python", kind) + key, msgs, expected, _declared(rng, "python")

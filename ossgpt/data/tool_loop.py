@@ -36,6 +36,7 @@ class _Conversation:
         self.first: dict | None = None
         self.final: str | None = None
         self.calls = 0
+        self.called: list[str] = []
 
     def add_reply(self, tokens: list[int]) -> bool:
         """Take the model's reply; run its calls. -> whether the conversation goes on."""
@@ -59,11 +60,13 @@ class _Conversation:
             self.messages.append({"role": "tool", "tool_call_id": f"call_{n + i}", "name": c.name,
                                   "channel": c.channel, "content": self.tools(c.name, c.arguments)})
         self.calls += len(reply.tool_calls)
+        self.called += [f"{c.name}: {c.arguments}" for c in reply.tool_calls]
         return True
 
     def result(self) -> dict:
         exp, final = self.ex.expected, self.final or ""
-        out = {"family": self.ex.family, "right_tool": bool(self.first and self.first.get("right_tool")),
+        out = {"family": self.ex.family, "kind": exp.get("kind"), "calls": self.called,
+               "answer": final, "right_tool": bool(self.first and self.first.get("right_tool")),
                "first_call": bool(self.first and self.first["correct"]),
                "final": bool(final) and all(w.lower() in final.lower() for w in exp["final_contains"])}
         if "cite" in exp:
@@ -111,11 +114,19 @@ def run_tool_loop(model: Transformer, exs: list[Example], max_rounds: int = 4,
     return [c.result() for c in convs]
 
 
-def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
-    """Per family: n and the share of each score."""
-    out: dict[str, dict[str, float]] = {}
+def summarize(results: list[dict]) -> dict[str, dict]:
+    """Per family: n, the share of each score, and the final answers' share by kind of
+    question (`by_kind`: the python computation, the browser's attribute)."""
+    def shares(rows: list[dict]) -> dict:
+        return {"n": len(rows)} | {k: round(sum(r[k] for r in rows) / len(rows), 4)
+                                   for k, v in rows[0].items() if isinstance(v, bool)}
+
+    out: dict[str, dict] = {}
     for fam in dict.fromkeys(r["family"] for r in results):
         rows = [r for r in results if r["family"] == fam]
-        out[fam] = {"n": len(rows)} | {k: round(sum(r[k] for r in rows) / len(rows), 4)
-                                       for k in rows[0] if k != "family"}
+        kinds = dict.fromkeys(r["kind"] for r in rows if r["kind"] is not None)
+        out[fam] = shares(rows) | ({"by_kind": {k: {"n": len(part), "final": shares(part)["final"]}
+                                                for k in kinds
+                                                for part in [[r for r in rows if r["kind"] == k]]}}
+                                   if kinds else {})
     return out
