@@ -35,8 +35,7 @@ class _Conversation:
         self.callable = {c for b in ex.builtin_tools for c in BUILTIN_CALLS[b]}
         self.first: dict | None = None
         self.final: str | None = None
-        self.calls = 0
-        self.called: list[str] = []
+        self.called: list[str] = []    # "name: arguments" of each call the model made
 
     def add_reply(self, tokens: list[int]) -> bool:
         """Take the model's reply; run its calls. -> whether the conversation goes on."""
@@ -50,7 +49,7 @@ class _Conversation:
         if not reply.tool_calls:
             self.final = reply.content
             return False
-        n = self.calls
+        n = len(self.called)
         self.messages.append({"role": "assistant", "content": reply.content,
                               "reasoning": reply.reasoning, "tool_calls": [
             {"id": f"call_{n + i}", "type": "function", "channel": c.channel,
@@ -59,7 +58,6 @@ class _Conversation:
         for i, c in enumerate(reply.tool_calls):
             self.messages.append({"role": "tool", "tool_call_id": f"call_{n + i}", "name": c.name,
                                   "channel": c.channel, "content": self.tools(c.name, c.arguments)})
-        self.calls += len(reply.tool_calls)
         self.called += [f"{c.name}: {c.arguments}" for c in reply.tool_calls]
         return True
 
@@ -124,9 +122,12 @@ def summarize(results: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for fam in dict.fromkeys(r["family"] for r in results):
         rows = [r for r in results if r["family"] == fam]
-        kinds = dict.fromkeys(r["kind"] for r in rows if r["kind"] is not None)
-        out[fam] = shares(rows) | ({"by_kind": {k: {"n": len(part), "final": shares(part)["final"]}
-                                                for k in kinds
-                                                for part in [[r for r in rows if r["kind"] == k]]}}
-                                   if kinds else {})
+        out[fam] = shares(rows)
+        by_kind: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["kind"] is not None:
+                by_kind.setdefault(r["kind"], []).append(r)
+        if by_kind:
+            out[fam]["by_kind"] = {k: {"n": len(part), "final": shares(part)["final"]}
+                                   for k, part in by_kind.items()}
     return out
