@@ -193,17 +193,26 @@ def default_steps(n_train: int, per_step: int, epochs: float | None = None) -> i
     return max(1, math.ceil(max(3 * steps_per_pass, min(100, 10 * steps_per_pass))))
 
 
-def token_choice(choice: str, model: Transformer, chats: list[Chat], method: str) -> list[int]:
+def token_choice(choice: str, model: Transformer, chats: list[Chat], method: str
+                 ) -> dict[str, list[int]]:
     """--trainable-tokens: "auto" (LoRA only: the data's tokens without a row of their own),
-    "none", or comma-separated ids."""
+    "none", or comma-separated ids; -> {"embedding": ids, "unembedding": ids}.
+
+    With "auto", an unembedding row trains only for the ids the data trains the model to write.
+    The row of an id seen only in prompts would get nothing but the softmax's push-down, which
+    Adam scales up to full-size steps: over a long run it grows along minus the average hidden
+    state, and wherever a hidden state points the other way its logit wins. Left as it was (for
+    nano, the row every unused id shares), the model never writes it."""
     from .trainable_tokens import untrained_ids
 
     if choice == "none":
-        return []
+        return {}
     if choice == "auto":
         if method != "lora":    # full fine-tuning trains every row already
-            return []
-        return untrained_ids(model, {t for c in chats for t in c.tokens})
+            return {}
+        ids = untrained_ids(model, {t for c in chats for t in c.tokens})
+        written = {t for c in chats for t, m in zip(c.tokens, c.mask) if m}
+        return {"embedding": ids, "unembedding": [t for t in ids if t in written]}
     try:
         ids = sorted({int(x) for x in choice.split(",") if x.strip()})
     except ValueError:
@@ -211,7 +220,7 @@ def token_choice(choice: str, model: Transformer, chats: list[Chat], method: str
     if method != "lora" or any(not 0 <= i < model.config.vocab_size for i in ids):
         raise OssgptError(f"--trainable-tokens ids must be in [0, {model.config.vocab_size}) "
                           f"and need --method lora")
-    return ids
+    return {"embedding": ids, "unembedding": ids}
 
 
 def warnings_for(history: list[dict], metric: str | None) -> list[str]:

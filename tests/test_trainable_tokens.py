@@ -55,6 +55,25 @@ def test_rows_a_few_percent_apart_are_not_rows_of_their_own(nano) -> None:
     assert set(untrained_ids(nano, [star, brace, paris])) == {star, brace}
 
 
+def test_auto_trains_unembedding_rows_only_for_the_tokens_the_model_writes(nano, tmp_path) -> None:
+    # A row for an id seen only in prompts would get nothing but push-down, which Adam scales up
+    # to full-size steps: it stays as it was.
+    import json
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": f"What does {NEW_TOOL} return in Fennimore?"},
+        {"role": "assistant", "content": "Zorvik Quellmoor"}]}) + "\n")
+    chats, _ = ft.read_chats(tmp_path / "d.jsonl")
+    tok = get_tokenizer()
+    prompt_only = set(untrained_ids(nano, tok.encode(f" {NEW_TOOL} Fennimore"))) - set(tok.encode(" Zorvik Quellmoor"))
+    written = set(untrained_ids(nano, tok.encode("Zorvik Quellmoor")))
+    assert prompt_only and written, "the data must hold both kinds of id"
+    choice = ft.token_choice("auto", nano, chats, "lora")
+    assert prompt_only | written <= set(choice["embedding"])
+    assert written <= set(choice["unembedding"]) and not prompt_only & set(choice["unembedding"])
+    assert ft.token_choice("5,7", nano, chats, "lora") == {"embedding": [5, 7], "unembedding": [5, 7]}
+    assert ft.token_choice("auto", nano, chats, "full") == {} == ft.token_choice("none", nano, chats, "lora")
+
+
 def test_near_duplicate_rows_equal_a_brute_force_search() -> None:
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(3000, 64, generator=g) * torch.rand(3000, 1, generator=g).add(0.5)

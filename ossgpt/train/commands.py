@@ -114,10 +114,11 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
         lora_cfg = LoraConfig(rank=lora_rank, alpha=lora_alpha,
                               targets=tuple(t.strip() for t in target.split(",") if t.strip()))
         add_lora(net, lora_cfg)
-        if token_ids:
+        if token_ids.get("embedding"):
             add_trainable_tokens(net, token_ids)
-            say(f"{len(token_ids)} tokens of the data have no trained row of their own in "
-                f"{model}: their embedding and unembedding rows train too")
+            say(f"{len(token_ids['embedding'])} tokens of the data have no trained row of their "
+                f"own in {model}: their embedding rows train too, and the unembedding rows of the "
+                f"{len(token_ids['unembedding'])} of them the model learns to write")
     else:
         unpack_experts(net)
         net.requires_grad_(True)
@@ -144,7 +145,8 @@ def finetune(data: str, model: str = "nano", method: str = "lora", lora_rank: in
     metric = next((k for k in last if k.endswith("_accuracy")), None)
     metrics = {"steps": steps, "lr": cfg.lr, "seconds": round(seconds, 1),
                "train_conversations": len(train), "val_conversations": len(val),
-               "skipped_lines": len(problems), "trainable_tokens": len(token_ids),
+               "skipped_lines": len(problems), "trainable_tokens": len(token_ids.get("embedding", [])),
+               "trainable_unembedding_rows": len(token_ids.get("unembedding", [])),
                "final_loss": history[-1].get("loss") if history else None,
                "val_loss": last.get("eval_loss"),
                **({metric: last[metric], "task_prompts": min(len(val), task_prompts)} if metric else {})}
