@@ -4,6 +4,8 @@ merged, and switched per request as the server does)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,14 +60,13 @@ def test_rows_a_few_percent_apart_are_not_rows_of_their_own(nano) -> None:
 def test_auto_trains_unembedding_rows_only_for_the_tokens_the_model_writes(nano, tmp_path) -> None:
     # A row for an id seen only in prompts would get nothing but push-down, which Adam scales up
     # to full-size steps: it stays as it was.
-    import json
     (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [
         {"role": "user", "content": f"What does {NEW_TOOL} return in Fennimore?"},
         {"role": "assistant", "content": "Zorvik Quellmoor"}]}) + "\n")
     chats, _ = ft.read_chats(tmp_path / "d.jsonl")
     tok = get_tokenizer()
-    prompt_only = set(untrained_ids(nano, tok.encode(f" {NEW_TOOL} Fennimore"))) - set(tok.encode(" Zorvik Quellmoor"))
     written = set(untrained_ids(nano, tok.encode("Zorvik Quellmoor")))
+    prompt_only = set(untrained_ids(nano, tok.encode(f" {NEW_TOOL} Fennimore"))) - written
     assert prompt_only and written, "the data must hold both kinds of id"
     choice = ft.token_choice("auto", nano, chats, "lora")
     assert prompt_only | written <= set(choice["embedding"])
