@@ -36,10 +36,16 @@ ROOT = Path(__file__).resolve().parent
 NEW = ("browser", "python")
 
 
-def write_data(path: Path, n_browser: int, n_python: int, n_replay: int, seed: int = 0) -> None:
+def write_data(path: Path, n_browser: int, n_python: int, n_replay: int, seed: int = 0,
+               extra_python: dict[str, int] | None = None) -> None:
+    """The lines of the training file; `extra_python` adds that many python examples of each
+    kind of computation (e.g. {"len": 1500}) on top of the even mix."""
     parts = [itertools.islice(examples("browser", "train", seed), n_browser),
              itertools.islice(examples("python", "train", seed), n_python),
              itertools.islice(mixture(seed=seed + 99), n_replay)]
+    for kind, n in (extra_python or {}).items():
+        of_kind = (ex for ex in examples("python", "train", seed + 7) if ex.expected["kind"] == kind)
+        parts.append(itertools.islice(of_kind, n))
     with path.open("w") as f:
         for ex in itertools.chain(*parts):
             f.write(json.dumps(chat_record(ex), ensure_ascii=False) + "\n")
@@ -76,6 +82,10 @@ def main() -> None:
     ap.add_argument("--skip-before", action="store_true", help="reuse the last stage's 'before'")
     ap.add_argument("--base", default="nano", help="the checkpoint to fine-tune (e.g. an earlier run's merged one)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the training data")
+    ap.add_argument("--extra-python", default="", metavar="KIND=N,...",
+                    help="more python examples of these kinds of computation, e.g. len=1500,sort=500")
+    ap.add_argument("--results", default=str(ROOT / "results" / "finetune_nano_tools.json"),
+                    help="the curriculum's results file (a run from nano starts it, --base adds a stage)")
     ap.add_argument("--install", metavar="MERGED", help="only write MERGED (a run's merged checkpoint) "
                     "over the bundled nano, in its compact form")
     args = ap.parse_args()
@@ -89,8 +99,9 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     data = work / "train.jsonl"
-    write_data(data, args.n_browser, args.n_python, args.n_replay, args.seed)
-    out = ROOT / "results" / "finetune_nano_tools.json"
+    extra = {k: int(n) for k, n in (item.split("=") for item in args.extra_python.split(",") if item)}
+    write_data(data, args.n_browser, args.n_python, args.n_replay, args.seed, extra)
+    out = Path(args.results)
 
     t0 = time.time()
     # The results hold the stages of one curriculum: a run from nano starts a new one, a run from
@@ -131,7 +142,7 @@ def main() -> None:
 
     result = {"base": args.base, "seed": args.seed, "steps": args.steps, "batch_tokens": args.batch_tokens, "rank": args.rank,
               "lr": args.lr, "train_lines": {"browser": args.n_browser, "python": args.n_python,
-                                             "replay": args.n_replay},
+                                             "replay": args.n_replay} | {f"python {k}": n for k, n in extra.items()},
               "n_eval": args.n_eval, "n_eval_old": args.n_eval_old,
               "threads": torch.get_num_threads(), "finetune_seconds": round(finetune_seconds, 1),
               "eval_seconds": round(eval_seconds, 1),
