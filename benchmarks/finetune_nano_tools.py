@@ -34,6 +34,7 @@ from ossgpt.lora import load_adapter
 
 ROOT = Path(__file__).resolve().parent
 NEW = ("browser", "python")
+PYTHON_KINDS = ("mul", "sum", "sort", "len")  # builtin_tools.python_draft's computations
 
 
 def write_data(path: Path, n_browser: int, n_python: int, n_replay: int, seed: int = 0,
@@ -99,7 +100,12 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     data = work / "train.jsonl"
-    extra = {k: int(n) for k, n in (item.split("=") for item in args.extra_python.split(",") if item)}
+    try:
+        extra = {k: int(n) for k, n in (item.split("=") for item in args.extra_python.split(",") if item)}
+    except ValueError:
+        ap.error(f"--extra-python wants KIND=N,..., got {args.extra_python!r}")
+    if set(extra) - set(PYTHON_KINDS):   # an unknown kind would be searched for forever
+        ap.error(f"--extra-python kinds are {', '.join(PYTHON_KINDS)}, got {args.extra_python!r}")
     write_data(data, args.n_browser, args.n_python, args.n_replay, args.seed, extra)
     out = Path(args.results)
 

@@ -90,7 +90,7 @@ def test_python_outputs_are_the_real_tool():
             assert tool.run("t", code) == result["content"] == run_python(code)
             assert result["content"].strip() in ex.messages[-1]["content"]
             assert str(eval(code.removeprefix("print(")[:-1])) == result["content"].strip()
-            if ex.expected["kind"] == "len":  # the code's pieces make up the question's string
+            if ex.expected["kind"] == "len":  # the code measures the question's string
                 asked = ex.messages[-4]["content"].split('"')[1]
                 assert result["content"].strip() == str(len(asked))
 
