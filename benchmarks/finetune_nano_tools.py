@@ -33,6 +33,7 @@ import torch
 import ossgpt
 from ossgpt import nano
 from ossgpt.data import FAMILIES, examples
+from ossgpt.data.builtin_tools import PYTHON_KINDS
 from ossgpt.data.tasks import chat_record, mixture
 from ossgpt.data.tool_loop import run_tool_loop, summarize
 from ossgpt.files import write_atomic
@@ -40,7 +41,6 @@ from ossgpt.lora import load_adapter
 
 ROOT = Path(__file__).resolve().parent
 NEW = ("browser", "python")
-PYTHON_KINDS = ("mul", "sum", "sort", "len")  # builtin_tools.python_draft's computations
 
 
 def write_data(path: Path, n_browser: int, n_python: int, n_replay: int, seed: int = 0,
@@ -135,17 +135,18 @@ def main() -> None:
                                    nano.bundled_path()))
         return
 
-    t_start = time.time()
-    work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    data = work / "train.jsonl"
+    # checked before the work folder is cleared, so a typo loses nothing
     try:
         extra = {k: int(n) for k, n in (item.split("=") for item in args.extra_python.split(",") if item)}
     except ValueError:
         ap.error(f"--extra-python wants KIND=N,..., got {args.extra_python!r}")
     if set(extra) - set(PYTHON_KINDS):   # an unknown kind would be searched for forever
         ap.error(f"--extra-python kinds are {', '.join(PYTHON_KINDS)}, got {args.extra_python!r}")
+    t_start = time.time()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    data = work / "train.jsonl"
     write_data(data, args.n_browser, args.n_python, args.n_replay, args.seed, extra)
     out = Path(args.results)
 

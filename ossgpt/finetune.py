@@ -201,8 +201,8 @@ def token_choice(choice: str, model: Transformer, chats: list[Chat], method: str
     With "auto", an unembedding row trains only for the ids the data trains the model to write.
     The row of an id seen only in prompts would get nothing but the softmax's push-down, which
     Adam scales up to full-size steps: over a long run it would grow along minus the average
-    hidden state, and wherever a hidden state pointed the other way its logit would win. Left as it was (for
-    nano, the row every unused id shares), the model never writes it."""
+    hidden state, and wherever a hidden state pointed the other way its logit would win. Left as
+    it was (for nano, the row every unused id shares), the model never writes it."""
     from .trainable_tokens import untrained_ids
 
     if choice == "none":

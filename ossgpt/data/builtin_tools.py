@@ -197,6 +197,7 @@ def browser_draft(rng: random.Random) -> Draft:
     return ("browser", n, k, t), msgs, expected, _declared(rng, "browser")
 
 
+PYTHON_KINDS = ("mul", "sum", "sort", "len")  # the computations python_draft asks for
 _MUL_Q = "What is {a} times {b}?|Compute {a} * {b}.|Multiply {a} by {b}.|{a} x {b} = ?".split("|")
 _SUM_Q = "What is the sum of {l}?|Add up {l}.|Sum these numbers: {l}.|What do {l} add up to?".split("|")
 _SORT_Q = "Sort these numbers: {l}.|Put {l} in increasing order.|Sort {l} from smallest to largest.".split("|")
@@ -208,7 +209,7 @@ _WORDS = ("cat dog sun moon tree book fish bird star rock cup hat ship car lamp 
 
 def python_draft(rng: random.Random) -> Draft:
     """One line of code for a computation; the answer states what PythonTool printed."""
-    kind = rng.choice(("mul", "sum", "sort", "len"))
+    kind = rng.choice(PYTHON_KINDS)
     if kind == "mul":
         a, b = rng.randint(100, 9999), rng.randint(100, 9999)
         q, code, key = rng.choice(_MUL_Q).format(a=a, b=b), f"print({a} * {b})", (a, b)
