@@ -204,14 +204,18 @@ def test_page_stops_a_generation_midway(page, server: str, api: openai.OpenAI) -
     before = generated_tokens(server)
     # Stop is pressed the moment the first words show, from inside the page: a click from here
     # trails the page by tens of milliseconds, and a fast CPU writes nano's whole reply in that.
+    # The page can be idle again before ask() reads "busy", so the state is read at the press.
     page.evaluate("""last => new MutationObserver((_, observer) => {
         if (document.querySelector(last + " .reasoning .text")?.textContent) {
             observer.disconnect();
+            window.stateAtStop = document.body.dataset.state;
             document.querySelector("#stop").click();
         }
     }).observe(document.body, {childList: true, subtree: true, characterData: true})""", LAST)
-    ask(page, question)
+    page.fill("#prompt", question)
+    page.press("#prompt", "Enter")
     wait_done(page)
+    assert page.evaluate("window.stateAtStop") == "busy"
     assert page.inner_text(f"{LAST} .note") == "Stopped."
     page.click(f"{LAST} .reasoning summary")
     shot(page, "stopped")
