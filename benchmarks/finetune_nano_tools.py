@@ -12,9 +12,11 @@ The data: the two new families plus a replay of nano's own mixture, so old skill
 
     python benchmarks/finetune_nano_tools.py --copy-probe MERGED
 
-prints how surely a model copies the question's operands into its code, by kind: numbers near 1,
-but the words of a `len` string after the first at about 1/29, the chance of a guess among the
-data's 29 words, on every model trained so far (nano copies a list by item number, not a run).
+prints how surely a model copies the question's operands into its code, by kind. Numbers copy
+near 1. An earlier kind, the length of a phrase of 3-5 words (`print(len("rock cat dog"))`),
+copied every word after the first at about 1/29, a guess among its 29 words, on every model
+trained (nano copies a list by item number, not a run of words), and scored 0%; so every
+operand of the python family is now a number.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 import ossgpt
 from ossgpt import nano
-from ossgpt.data import FAMILIES, examples
+from ossgpt.data import FAMILIES, Example, examples
 from ossgpt.data.builtin_tools import PYTHON_KINDS
 from ossgpt.data.tasks import chat_record, mixture
 from ossgpt.data.tool_loop import run_tool_loop, summarize
@@ -44,18 +47,27 @@ NEW = ("browser", "python")
 
 
 def write_data(path: Path, n_browser: int, n_python: int, n_replay: int, seed: int = 0,
-               extra_python: dict[str, int] | None = None) -> None:
+               extra_python: dict[str, int] | None = None,
+               extra_replay: dict[str, int] | None = None) -> None:
     """The lines of the training file; `extra_python` adds that many python examples of each
-    kind of computation (e.g. {"len": 1500}) on top of the even mix."""
+    kind of computation (e.g. {"digits": 1500}) on top of the even mix, `extra_replay` that many
+    of each of nano's own families (e.g. {"refusal": 600}) on top of the replay."""
     parts = [itertools.islice(examples("browser", "train", seed), n_browser),
              itertools.islice(examples("python", "train", seed), n_python),
              itertools.islice(mixture(seed=seed + 99), n_replay)]
-    for kind, n in (extra_python or {}).items():
-        of_kind = (ex for ex in examples("python", "train", seed + 7) if ex.expected["kind"] == kind)
-        parts.append(itertools.islice(of_kind, n))
+    parts += [_more("python", n, seed + 7, kind) for kind, n in (extra_python or {}).items()]
+    parts += [_more(family, n, seed + 7) for family, n in (extra_replay or {}).items()]
     with path.open("w") as f:
         for ex in itertools.chain(*parts):
             f.write(json.dumps(chat_record(ex), ensure_ascii=False) + "\n")
+
+
+def _more(family: str, n: int, seed: int, kind: str | None = None) -> Iterator[Example]:
+    # A function, not a generator expression in write_data's loop: the expression would read
+    # the loop's `kind` when the file is written, after the loop, so every extra part would be
+    # of the last kind (stage 2 of the single run got 2,500 more sort examples, no len).
+    of_kind = (ex for ex in examples(family, "train", seed) if kind is None or ex.expected["kind"] == kind)
+    return itertools.islice(of_kind, n)
 
 
 def old_accuracy(model, n_eval: int) -> dict:
@@ -97,6 +109,18 @@ def copy_probe(model, n_eval: int) -> dict:
             for kind, parts in by_kind.items()}
 
 
+def counts(ap: argparse.ArgumentParser, option: str, value: str, names: tuple[str, ...]) -> dict[str, int]:
+    """NAME=N,... as a dict, or one clear argparse error; an unknown name would be searched for
+    forever."""
+    try:
+        asked = {k: int(n) for k, n in (item.split("=") for item in value.split(",") if item)}
+    except ValueError:
+        ap.error(f"{option} wants NAME=N,..., got {value!r}")
+    if set(asked) - set(names):
+        ap.error(f"{option} names are {', '.join(names)}, got {value!r}")
+    return asked
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=200)
@@ -110,12 +134,17 @@ def main() -> None:
                     help="held-out tool conversations per family for the base model (it scores 0)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--target", default="attention,experts",
+                    help="what the LoRA trains; attention,router leaves the MXFP4 experts as they "
+                    "are, so merging re-quantizes nothing (a stage that heals an earlier merge)")
     ap.add_argument("--work", default="checkpoints/finetune-nano-tools")
     ap.add_argument("--skip-before", action="store_true", help="reuse the last stage's 'before'")
     ap.add_argument("--base", default="nano", help="the checkpoint to fine-tune (e.g. an earlier run's merged one)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the training data")
     ap.add_argument("--extra-python", default="", metavar="KIND=N,...",
-                    help="more python examples of these kinds of computation, e.g. len=1500,sort=500")
+                    help="more python examples of these kinds of computation, e.g. digits=1500,mul=500")
+    ap.add_argument("--extra-replay", default="", metavar="FAMILY=N,...",
+                    help="more examples of these of nano's own families, e.g. refusal=600")
     ap.add_argument("--results", default=str(ROOT / "results" / "finetune_nano_tools.json"),
                     help="the curriculum's results file (a run from nano starts it, --base adds a stage)")
     ap.add_argument("--install", metavar="MERGED", help="only write MERGED (a run's merged checkpoint) "
@@ -136,18 +165,14 @@ def main() -> None:
         return
 
     # checked before the work folder is cleared, so a typo loses nothing
-    try:
-        extra = {k: int(n) for k, n in (item.split("=") for item in args.extra_python.split(",") if item)}
-    except ValueError:
-        ap.error(f"--extra-python wants KIND=N,..., got {args.extra_python!r}")
-    if set(extra) - set(PYTHON_KINDS):   # an unknown kind would be searched for forever
-        ap.error(f"--extra-python kinds are {', '.join(PYTHON_KINDS)}, got {args.extra_python!r}")
+    extra = counts(ap, "--extra-python", args.extra_python, PYTHON_KINDS)
+    extra_replay = counts(ap, "--extra-replay", args.extra_replay, FAMILIES)
     t_start = time.time()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     data = work / "train.jsonl"
-    write_data(data, args.n_browser, args.n_python, args.n_replay, args.seed, extra)
+    write_data(data, args.n_browser, args.n_python, args.n_replay, args.seed, extra, extra_replay)
     out = Path(args.results)
 
     t0 = time.time()
@@ -167,7 +192,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "ossgpt", "finetune", "--model", args.base, "--data", str(data),
                     "--output", str(work / "run"), "--steps", str(args.steps),
                     "--batch-tokens", str(args.batch_tokens), "--lora-rank", str(args.rank),
-                    "--lr", str(args.lr), "--val-split", "0.005", "--task-prompts", "0"],
+                    "--lr", str(args.lr), "--target", args.target, "--val-split", "0.005", "--task-prompts", "0"],
                    check=True)
     finetune_seconds = time.time() - t0
     merged = work / "merged"
@@ -188,8 +213,9 @@ def main() -> None:
     print("merged:", json.dumps(after), flush=True)
 
     result = {"base": args.base, "seed": args.seed, "steps": args.steps, "batch_tokens": args.batch_tokens, "rank": args.rank,
-              "lr": args.lr, "train_lines": {"browser": args.n_browser, "python": args.n_python,
-                                             "replay": args.n_replay} | {f"python {k}": n for k, n in extra.items()},
+              "lr": args.lr, "target": args.target, "train_lines": {"browser": args.n_browser, "python": args.n_python,
+                                             "replay": args.n_replay} | {f"python {k}": n for k, n in extra.items()}
+              | {f"replay {k}": n for k, n in extra_replay.items()},
               "n_eval": args.n_eval, "n_eval_old": args.n_eval_old,
               "threads": torch.get_num_threads(), "finetune_seconds": round(finetune_seconds, 1),
               "eval_seconds": round(eval_seconds, 1),
