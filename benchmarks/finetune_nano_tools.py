@@ -22,6 +22,7 @@ operand of the python family is now a number.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import shutil
@@ -52,9 +53,14 @@ def write_data(path: Path, n_browser: int, n_python: int, n_replay: int, seed: i
     """The lines of the training file; `extra_python` adds that many python examples of each
     kind of computation (e.g. {"digits": 1500}) on top of the even mix, `extra_replay` that many
     of each of nano's own families (e.g. {"refusal": 600}) on top of the replay."""
+    # Two in five replayed questions declare both tools, as `ossgpt chat --tools browser,python`
+    # does, and are still answered directly: without them nano learns that a declared tool is
+    # always called ("What is the capital of Peru?" went to python).
+    replay = (dataclasses.replace(ex, builtin_tools=NEW) if i % 5 < 2 else ex
+              for i, ex in enumerate(mixture(seed=seed + 99)))
     parts = [itertools.islice(examples("browser", "train", seed), n_browser),
              itertools.islice(examples("python", "train", seed), n_python),
-             itertools.islice(mixture(seed=seed + 99), n_replay)]
+             itertools.islice(replay, n_replay)]
     parts += [_more("python", n, seed + 7, kind) for kind, n in (extra_python or {}).items()]
     parts += [_more(family, n, seed + 7) for family, n in (extra_replay or {}).items()]
     with path.open("w") as f:
@@ -70,9 +76,17 @@ def _more(family: str, n: int, seed: int, kind: str | None = None) -> Iterator[E
     return itertools.islice(of_kind, n)
 
 
-def old_accuracy(model, n_eval: int) -> dict:
-    held_out = nano.evaluate(model, n_per_family=n_eval, progress=False, families=FAMILIES)
+def old_accuracy(model, n_eval: int, builtin_tools: tuple[str, ...] = ()) -> dict:
+    held_out = nano.evaluate(model, n_per_family=n_eval, progress=False, families=FAMILIES,
+                             builtin_tools=builtin_tools)
     return {f: round(r["accuracy"], 4) for f, r in held_out.items()}
+
+
+def scores(model, n_eval: int, n_eval_old: int, transcript: Path | None = None) -> dict:
+    """The old families as nano was taught them, the same with both tools declared (answered,
+    not sent to a tool), and the tool families."""
+    return {"old": old_accuracy(model, n_eval_old), "old_tools_declared": old_accuracy(model, n_eval_old, NEW),
+            "tools": tool_accuracy(model, n_eval, transcript)}
 
 
 def tool_accuracy(model, n_eval: int, transcript: Path | None = None) -> dict:
@@ -203,12 +217,11 @@ def main() -> None:
     # The adapter as trained, then the merged checkpoint (its experts re-quantized to MXFP4).
     adapted = ossgpt.load(args.base, dtype=torch.float32, progress=False)
     load_adapter(adapted, work / "run" / "adapter")
-    adapter = {"old": old_accuracy(adapted, args.n_eval_old), "tools": tool_accuracy(adapted, args.n_eval)}
+    adapter = scores(adapted, args.n_eval, args.n_eval_old)
     print("adapter:", json.dumps(adapter), flush=True)
     del adapted
     tuned = ossgpt.load(str(merged), dtype=torch.float32, progress=False)
-    after = {"old": old_accuracy(tuned, args.n_eval_old),
-             "tools": tool_accuracy(tuned, args.n_eval, work / "merged_conversations.jsonl")}
+    after = scores(tuned, args.n_eval, args.n_eval_old, work / "merged_conversations.jsonl")
     eval_seconds += time.time() - t0
     print("merged:", json.dumps(after), flush=True)
 

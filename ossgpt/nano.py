@@ -239,10 +239,15 @@ def bundle(model: Transformer, directory: str | Path) -> Path:
 
 def evaluate(model: Transformer, n_per_family: int = 200, seed: int = 0, batch_size: int = 32,
              max_tokens: int = 160, progress: bool = True,
-             families: tuple[str, ...] | None = None) -> dict[str, dict[str, float]]:
+             families: tuple[str, ...] | None = None,
+             builtin_tools: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
     """Greedy replies to held-out prompts of every family -> per family: accuracy and the rate
     of well-formed harmony (analysis + final, or a tool call with valid JSON); for families
-    with tool calls also `right_tool`, over the `calls` prompts that expect one."""
+    with tool calls also `right_tool`, over the `calls` prompts that expect one. `builtin_tools`
+    ("browser", "python") declares those in every prompt, as `ossgpt chat --tools` does: a
+    question that needs no tool must still be answered, not sent to one."""
+    import dataclasses
+
     from tqdm import tqdm
 
     from .data import FAMILIES, examples, prompt_tokens, score
@@ -251,6 +256,8 @@ def evaluate(model: Transformer, n_per_family: int = 200, seed: int = 0, batch_s
     from .sampling import SamplingParams
 
     cases = [ex for f in families or FAMILIES for ex in list(examples(f, "test", seed))[:n_per_family]]
+    if builtin_tools:
+        cases = [dataclasses.replace(ex, builtin_tools=builtin_tools) for ex in cases]
     results: dict[str, list[dict]] = {}
     bar = tqdm(total=len(cases), desc="Evaluating", unit="prompt", disable=not progress)
     for i in range(0, len(cases), batch_size):
