@@ -178,7 +178,7 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
     dtype: bfloat16, float32 or float16
     verbose: say where it runs (device, threads, the CPU kernels' instruction set)
     steer: a steering vector added to the residual stream, FILE:LAYER:SCALE (made by `ossgpt inspect steer`; LAYER empty: the file's own); several comma-separated
-    corpus: the browser's documents: a folder of .md, .txt, .html and .pdf files, indexed on first use
+    corpus: the browser's documents: a folder of .md, .txt, .html and .pdf files, indexed on first use (with nano: its bundled corpus by default)
     search_url: the browser searches the web through this SearXNG-style JSON endpoint (.../search) instead of --corpus
     python_unsandboxed: run the python tool's code without its sandbox (your own machine, your own risk)
     experts_device: where the experts live if not on --device: cpu (beside a GPU; the CPU kernels run them) or cpu:N (the first N layers' experts)"""
@@ -195,6 +195,11 @@ def chat(model: str = "nano", reasoning_effort: str = "medium", system: str | No
     if len(functions) > 1:
         raise OssgptError(f"--tools: one function-tool source at most (demo or a JSON file), got {functions}")
     tool_defs, run_function = _tools(functions[0] if functions else None)
+    if "browser" in specs and model == "nano" and not corpus and not search_url:
+        # nano learned the browser on its bundled corpus (benchmarks/finetune_nano_tools.py), so
+        # `ossgpt chat --tools browser,python` shows it working with no folder to hand.
+        from .data.builtin_tools import CORPUS_DIR
+        corpus = str(CORPUS_DIR)
     toolbox = ChatTools(run_function,
                         _browser(corpus, search_url) if "browser" in specs else None,
                         _python_tool(python_unsandboxed) if "python" in specs else None)

@@ -131,8 +131,9 @@ def _rows(net, prompts: list[list[int]], steps: int = 4) -> list[torch.Tensor]:
 
 
 def test_row_invariant_decode_plain_path() -> None:
-    """Without kernels the plain path's products run whole batches (F.linear): measured
-    row-invariant here, and checked so on every machine the tests run on."""
+    """Without kernels the products are oneDNN's, which picks its kernel by the number of rows
+    too (the bundled nano's o_proj gave a row other bits in a batch of 3): within
+    row_invariant() they run a row at a time as well."""
     from ossgpt.kernels import build
 
     net = ossgpt.load("nano", device="cpu", dtype=torch.bfloat16, pack_dense=True,

@@ -409,14 +409,15 @@ def test_mxfp4_dequantize_matches_transformers_layout(tiny_original, tiny_config
 
 
 def test_nanos_shared_rows_unembedding_gives_the_full_products_logits():
-    """The bundled nano's unused ids share one unembedding row: its logits come from the 1,829
-    distinct rows, gathered; the same as the full table's product, in the state dict as ever,
-    and the full product again once the table is written in place (merging trained rows)."""
+    """The bundled nano's unused ids share one unembedding row: its logits come from its few
+    thousand distinct rows (under 2% of them), gathered; the same as the full table's product,
+    in the state dict as ever, and the full product again once the table is written in place
+    (merging trained rows)."""
     from ossgpt.model import SharedRowsLinear
 
     model = ossgpt.load("nano", dtype=torch.float32, progress=False)
     table = model.unembedding
-    assert isinstance(table, SharedRowsLinear) and len(table.distinct) * 100 < len(table.weight)
+    assert isinstance(table, SharedRowsLinear) and len(table.distinct) * 50 < len(table.weight)
     assert [k for k in model.state_dict() if k.startswith("unembedding")] == ["unembedding.weight"]
     x = torch.randn(3, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -21,6 +21,7 @@ from ossgpt.trainable_tokens import (NEAR_DUPLICATE, TrainableRows, add_trainabl
 from ossgpt.train.trainer import Batch
 
 NEW_TOOL = "get_local_time"
+ANSWER = "Ψηφίδα Κρόνος"     # nano has never written Greek: no token of it has a row of its own
 
 
 def _randomize(params, seed: int = 0, std: float = 0.05) -> None:
@@ -47,14 +48,15 @@ def test_nano_has_no_rows_of_its_own_for_the_new_tool_name(nano) -> None:
 
 
 def test_rows_a_few_percent_apart_are_not_rows_of_their_own(nano) -> None:
-    # nano never wrote ' *' or '}' (they were only ever in prompts): the softmax's push-down alone
-    # left their unembedding rows 3% apart, so before this a LoRA run wrote `print(7117}`.
+    # nano never wrote ' backwards' or 'Subtract' (they are only ever in its prompts): the
+    # softmax's push-down alone left their unembedding rows 3% apart. (So were ' *' and '}'
+    # before nano learned python, and a LoRA run wrote `print(7117}`.)
     tok = get_tokenizer()
-    star, brace, paris = tok.encode(" *")[0], tok.encode("}")[0], tok.encode(" Paris")[0]
+    back, sub, paris = (tok.encode(s)[0] for s in (" backwards", "Subtract", " Paris"))
     w = nano.unembedding.weight.detach()
-    assert not {star, brace} & set(shared_row_ids(w).tolist())        # not the same row exactly
-    assert (w[star] - w[brace]).norm() < NEAR_DUPLICATE * w[star].norm()
-    assert set(untrained_ids(nano, [star, brace, paris])) == {star, brace}
+    assert not {back, sub} & set(shared_row_ids(w).tolist())        # not the same row exactly
+    assert (w[back] - w[sub]).norm() < NEAR_DUPLICATE * w[back].norm()
+    assert set(untrained_ids(nano, [back, sub, paris])) == {back, sub}
 
 
 def test_auto_trains_unembedding_rows_only_for_the_tokens_the_model_writes(nano, tmp_path) -> None:
@@ -62,10 +64,10 @@ def test_auto_trains_unembedding_rows_only_for_the_tokens_the_model_writes(nano,
     # to full-size steps: it stays as it was.
     (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [
         {"role": "user", "content": f"What does {NEW_TOOL} return in Fennimore?"},
-        {"role": "assistant", "content": "Zorvik Quellmoor"}]}) + "\n")
+        {"role": "assistant", "content": ANSWER}]}) + "\n")
     chats, _ = ft.read_chats(tmp_path / "d.jsonl")
     tok = get_tokenizer()
-    written = set(untrained_ids(nano, tok.encode("Zorvik Quellmoor")))
+    written = set(untrained_ids(nano, tok.encode(ANSWER)))
     prompt_only = set(untrained_ids(nano, tok.encode(f" {NEW_TOOL} Fennimore"))) - written
     assert prompt_only and written, "the data must hold both kinds of id"
     choice = ft.token_choice("auto", nano, chats, "lora")
@@ -112,8 +114,10 @@ def test_distinct_rows_loss_equals_the_full_vocabulary_loss(nano) -> None:
         grads.append([p.grad.clone() for p in rows])
         model.zero_grad()
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    # Float32 rounding of sums over 80 positions that mostly cancel, so measured against the
+    # gradient's own scale (here 2e-5 of it at most; a wrong row count is off by its whole size).
     for a, b in zip(*grads):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
 
 
 def test_adapter_with_token_rows_loads_in_peft_with_the_same_logits(tiny_original, tiny_hf,

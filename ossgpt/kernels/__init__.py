@@ -110,9 +110,10 @@ def row_invariant() -> Iterator[None]:
     tiles from 5 tokens; expert panels past 4 tokens an expert), so a row's float32 sums, and
     then its sampled tokens, would change with the batch. Decode attention is per row already.
     Costs a call per row per product: `ossgpt eval` and `ossgpt serve --batch-invariant`.
-    The plain path (no kernels) measured row-invariant on this project's CPUs
-    (tests/test_eval_runner.py checks it). GPUs are not covered: cuBLAS chooses its kernels by
-    shape, so there a reply may still depend on its batch."""
+    The plain path (no kernels) does the same through `each_row`: oneDNN also picks its bf16
+    kernel by the number of rows (nano's o_proj gave a row other bits at 3 rows than at 1).
+    GPUs are not covered: cuBLAS chooses its kernels by shape, so there a reply may still
+    depend on its batch."""
     before = getattr(_rows, "invariant", False)
     _rows.invariant = True
     try:
@@ -230,6 +231,24 @@ def _weight_parts(weight) -> list[torch.Tensor] | None:
     if isinstance(weight, torch.Tensor):
         return [weight] if weight.dtype == torch.bfloat16 else None
     return weight.parts()
+
+
+def each_row(fn, x: torch.Tensor, *per_row: torch.Tensor) -> torch.Tensor:
+    """fn(x, *per_row), or within row_invariant() for decode's few rows (2 to 8 of x's rows,
+    its last dimension the features) fn of each row alone, concatenated: the plain path's
+    products, whose library kernels depend on the number of rows too."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not (getattr(_rows, "invariant", False) and 1 < rows <= 8):
+        return fn(x, *per_row)
+    flat = x.reshape(rows, x.shape[-1])
+    parts = [p.reshape(rows, *p.shape[x.dim() - 1:]) for p in per_row]
+    out = torch.cat([fn(flat[i:i + 1], *(p[i:i + 1] for p in parts)) for i in range(rows)])
+    return out.view(*x.shape[:-1], -1)
+
+
+def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, a row at a time within row_invariant(): the plain path's product."""
+    return each_row(lambda row: F.linear(row, weight, bias), x)
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
