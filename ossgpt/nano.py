@@ -246,7 +246,6 @@ def evaluate(model: Transformer, n_per_family: int = 200, seed: int = 0, batch_s
     with tool calls also `right_tool`, over the `calls` prompts that expect one. `builtin_tools`
     ("browser", "python") declares those in every prompt, as `ossgpt chat --tools` does: a
     question that needs no tool must still be answered, not sent to one."""
-
     from tqdm import tqdm
 
     from .data import FAMILIES, examples, prompt_tokens, score

@@ -233,17 +233,18 @@ def _weight_parts(weight) -> list[torch.Tensor] | None:
     return weight.parts()
 
 
-def each_row(fn, x: torch.Tensor, *per_row: torch.Tensor) -> torch.Tensor:
+def each_row(fn, x: torch.Tensor, *per_row: torch.Tensor) -> torch.Tensor | None:
     """fn(x, *per_row), or within row_invariant() for decode's few rows (2 to 8 of x's rows,
-    its last dimension the features) fn of each row alone, concatenated: the plain path's
-    products, whose library kernels depend on the number of rows too."""
+    its last dimension the features) fn of each row alone, concatenated: the kernels' products
+    and the plain path's, whose library kernels depend on the number of rows too. None where
+    fn gives None (a kernel that does not apply)."""
     rows = x.numel() // max(x.shape[-1], 1)
     if not (getattr(_rows, "invariant", False) and 1 < rows <= 8):
         return fn(x, *per_row)
     flat = x.reshape(rows, x.shape[-1])
     parts = [p.reshape(rows, *p.shape[x.dim() - 1:]) for p in per_row]
-    out = torch.cat([fn(flat[i:i + 1], *(p[i:i + 1] for p in parts)) for i in range(rows)])
-    return out.view(*x.shape[:-1], -1)
+    outs = [fn(flat[i:i + 1], *(p[i:i + 1] for p in parts)) for i in range(rows)]
+    return None if outs[0] is None else torch.cat(outs).view(*x.shape[:-1], -1)
 
 
 def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -252,11 +253,7 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
-    if getattr(_rows, "invariant", False) and 1 < x.numel() // max(x.shape[-1], 1) <= 8:
-        flat = x.reshape(-1, x.shape[-1])
-        outs = [_linear(flat[i:i + 1], weight, bias) for i in range(flat.shape[0])]
-        return None if outs[0] is None else torch.cat(outs).view(*x.shape[:-1], -1)
-    return _linear(x, weight, bias)
+    return each_row(lambda row: _linear(row, weight, bias), x)
 
 
 def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor | None:
