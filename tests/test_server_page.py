@@ -159,7 +159,7 @@ def test_page_asks_for_the_api_key(browser, server: str) -> None:
         context.close()
 
 
-def test_page_without_a_key_on_the_server(browser, nano_server: str) -> None:
+def test_page_without_a_key_on_the_server(browser, nano_server: str, client: openai.OpenAI) -> None:
     context, page = _open(browser, nano_server, None)
     try:
         page.wait_for_selector("body[data-state=idle]")
@@ -167,9 +167,7 @@ def test_page_without_a_key_on_the_server(browser, nano_server: str) -> None:
         settings(page, temperature=0)
         ask(page, "What is 12 + 30?")
         wait_done(page)
-        answer = api_answer(openai.OpenAI(base_url=nano_server + "/v1", api_key="unused",
-                                          max_retries=0), "What is 12 + 30?")
-        assert page.inner_text(f"{LAST} .content") == answer
+        assert page.inner_text(f"{LAST} .content") == api_answer(client, "What is 12 + 30?")
         assert page.errors == []
     finally:
         context.close()
